@@ -1,0 +1,109 @@
+"""Calibration statistics accumulated from a layer's inputs.
+
+* :class:`HessianAccumulator` - SparseGPT/GPTQ's ``H = 2/n * sum x x^T``.
+* :class:`InputNormAccumulator` - Wanda/OWL's per-input-column ``||x_j||^2``.
+
+Both only ever see activations ``x [..., columns]`` (the input of one linear layer),
+keep fp32 state, and can be merged so calibration can later be split across workers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _num_samples(x: Tensor) -> int:
+    # llm-compressor counts dataset samples, not tokens: a 2-D input is one sample,
+    # [batch, seq, columns] is `batch` samples. Matching it keeps our losses comparable.
+    return int(x.shape[0]) if x.dim() >= 3 else 1
+
+
+def _check_columns(x: Tensor, columns: int, owner: str) -> None:
+    if x.dim() < 1 or x.shape[-1] != columns:
+        raise ValueError(f"{owner}.add expects x [..., {columns}]; got shape {tuple(x.shape)}")
+
+
+class HessianAccumulator:
+    """fp32 ``H = 2/n * sum over all tokens of x x^T``, kept as a running mean.
+
+    ``n`` counts *samples* (sequences): ``x.shape[0]`` for ``x`` of rank >= 3, 1 for a
+    2-D ``x`` - exactly llm-compressor's convention, so our reported losses compare
+    with its.
+
+    Attributes:
+        hessian: [columns, columns] fp32.
+        num_samples: samples seen so far.
+    """
+
+    def __init__(self, columns: int, device: torch.device | str | None = None):
+        if columns < 1:
+            raise ValueError(f"columns must be >= 1; got {columns}")
+        self.columns = columns
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.num_samples = 0
+
+    def add(self, x: Tensor) -> None:
+        """Fold in activations ``x [..., columns]`` of any float dtype (any device)."""
+        _check_columns(x, self.columns, "HessianAccumulator")
+        added = _num_samples(x)
+        if added == 0 or x.numel() == 0:
+            return
+        old, new = self.num_samples, self.num_samples + added
+        tokens = x.reshape(-1, self.columns).to(device=self.hessian.device, dtype=torch.float32)
+        # Rescale the old mean and add the new outer products in one fused GEMM:
+        # H <- old/new * H + 2/new * X^T X.
+        self.hessian.addmm_(tokens.T, tokens, beta=old / new, alpha=2.0 / new)
+        self.num_samples = new
+
+    def merge(self, other: "HessianAccumulator") -> None:
+        """Combine with another partial mean in place: the result equals one pass over both inputs."""
+        if other.columns != self.columns:
+            raise ValueError(f"cannot merge Hessians of {other.columns} and {self.columns} columns")
+        if other.num_samples == 0:
+            return
+        total = self.num_samples + other.num_samples
+        self.hessian.mul_(self.num_samples / total).add_(
+            other.hessian.to(self.hessian.device), alpha=other.num_samples / total
+        )
+        self.num_samples = total
+
+    def to(self, device: torch.device | str) -> "HessianAccumulator":
+        """Move the state to ``device`` (in place); returns self for chaining."""
+        self.hessian = self.hessian.to(device)
+        return self
+
+
+class InputNormAccumulator:
+    """Per-input-column sum of squares over all tokens (Wanda's and OWL's ``||x_j||^2``).
+
+    Attributes:
+        squared_norm: [columns] fp32, sum over tokens of ``x_j^2``.
+        num_tokens: tokens seen so far (rows of ``x`` flattened to [tokens, columns]).
+    """
+
+    def __init__(self, columns: int, device: torch.device | str | None = None):
+        if columns < 1:
+            raise ValueError(f"columns must be >= 1; got {columns}")
+        self.columns = columns
+        self.squared_norm = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.num_tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        """Fold in activations ``x [..., columns]`` of any float dtype (any device)."""
+        _check_columns(x, self.columns, "InputNormAccumulator")
+        tokens = x.reshape(-1, self.columns).to(device=self.squared_norm.device, dtype=torch.float32)
+        self.squared_norm += tokens.square().sum(dim=0)
+        self.num_tokens += tokens.shape[0]
+
+    def merge(self, other: "InputNormAccumulator") -> None:
+        """Add another accumulator's sums in place (sums, so merging is exact)."""
+        if other.columns != self.columns:
+            raise ValueError(f"cannot merge input norms of {other.columns} and {self.columns} columns")
+        self.squared_norm += other.squared_norm.to(self.squared_norm.device)
+        self.num_tokens += other.num_tokens
+
+    def to(self, device: torch.device | str) -> "InputNormAccumulator":
+        """Move the state to ``device`` (in place); returns self for chaining."""
+        self.squared_norm = self.squared_norm.to(device)
+        return self

@@ -1,0 +1,255 @@
+"""Where a model comes from: a Hugging Face directory whose weights are read one tensor at a time.
+
+The engine never loads a whole checkpoint. It builds the model with its parameters on the meta device (buffers
+such as rotary frequencies are real, they are computed, not stored), then fills in one block's parameters from
+the safetensors files when that block is worked on and drops them afterwards. Peak memory is one block plus
+whatever lives outside the blocks (embeddings, final norm).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# A Hub repository id: "name" or "owner/name", letters, digits, '-', '_', '.'.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class CheckpointError(ValueError):
+    """The model argument does not name a usable checkpoint; the message says what to do."""
+
+
+def resolve_model_dir(model: str | Path, *, revision: str | None = None, allow_pickle: bool = False) -> Path:
+    """A local directory for `model`: itself when it is one, else a Hub snapshot (safetensors and configs only)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"model: '{model}' is a file; give the model's directory (config.json and weights)")
+    text = str(model)
+    if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
+        raise CheckpointError(f"model: directory '{model}' does not exist")
+    return _download_from_hub(text, revision=revision, allow_pickle=allow_pickle)
+
+
+def _download_from_hub(repo_id: str, *, revision: str | None, allow_pickle: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - a transformers dependency
+        raise CheckpointError("model: a Hub id needs the huggingface_hub package") from exc
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+    if allow_pickle:
+        patterns.append("*.bin")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown repo, gated: all end the same way for the caller
+        raise CheckpointError(
+            f"model: '{repo_id}' is not a local directory and could not be downloaded from the Hugging Face Hub "
+            f"({type(exc).__name__}: {exc}). Download it where the Hub is reachable and pass the local path, "
+            "or set HF_HUB_OFFLINE=1 with the model already in the Hub cache."
+        ) from exc
+
+
+class SafetensorsCheckpoint:
+    """Lazy, read-only access to the tensors of a Hugging Face directory's safetensors files."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.dir / SINGLE_NAME).is_file():
+            weight_map = None
+        else:
+            files = sorted(self.dir.glob("*.safetensors"))
+            if not files:
+                if any((self.dir / name).exists() for name in PICKLE_NAMES):
+                    raise CheckpointError(
+                        f"model: '{self.dir}' holds only pickle (.bin) weights, which can run code when loaded; "
+                        "convert it to safetensors, or pass --allow-pickle if you trust it"
+                    )
+                raise CheckpointError(f"model: no safetensors weights in '{self.dir}'")
+            weight_map = None
+        from safetensors import safe_open
+
+        self._handles = {}
+        self._file_of: dict[str, str] = {}
+        names = sorted(set(weight_map.values())) if weight_map else [p.name for p in self._single_files()]
+        for name in names:
+            handle = safe_open(str(self.dir / name), framework="pt", device="cpu")
+            self._handles[name] = handle
+            for key in handle.keys():
+                self._file_of[key] = name
+
+    def _single_files(self) -> list[Path]:
+        single = self.dir / SINGLE_NAME
+        return [single] if single.is_file() else sorted(self.dir.glob("*.safetensors"))
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, read from disk into CPU memory (memory-mapped by safetensors until copied)."""
+        return self._handles[self._file_of[key]].get_tensor(key)
+
+    def dtype(self) -> torch.dtype:
+        """The floating dtype most of the checkpoint's tensors use."""
+        counts: dict[torch.dtype, int] = {}
+        for key in self._file_of:
+            handle = self._handles[self._file_of[key]]
+            t = handle.get_slice(key)
+            dt = _SAFETENSORS_DTYPES.get(t.get_dtype())
+            if dt is not None and dt.is_floating_point:
+                counts[dt] = counts.get(dt, 0) + 1
+        return max(counts, key=counts.get) if counts else torch.float32
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def load_config(model_dir: str | Path, *, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise CheckpointError(
+                f"model: '{model_dir}' needs its own Python code to load; pass --trust-remote-code if you trust it"
+            ) from exc
+        raise CheckpointError(f"model: cannot read config.json in '{model_dir}': {exc}") from exc
+    except OSError as exc:
+        raise CheckpointError(f"model: cannot read config.json in '{model_dir}': {exc}") from exc
+
+
+def model_class(config, *, trust_remote_code: bool = False) -> type[nn.Module]:
+    """The class named in config.architectures when transformers has it, else the causal-LM or base Auto class."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for auto in (AutoModelForCausalLM, AutoModel):
+        try:
+            return auto._model_mapping[type(config)]
+        except KeyError:
+            continue
+    raise CheckpointError(f"model: transformers has no model class for architecture {config.architectures}")
+
+
+def empty_model(config, *, trust_remote_code: bool = False) -> nn.Module:
+    """The model with every parameter on the meta device (no memory) and real buffers, in eval mode."""
+    from accelerate import init_empty_weights
+
+    cls = model_class(config, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        if getattr(cls, "__module__", "").startswith("transformers_modules") or trust_remote_code:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            model = cls._from_config(config)
+    return model.eval()
+
+
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """{tied parameter name: the parameter it shares storage with}, e.g. {"lm_head.weight": "model.embed_tokens.weight"}."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return {}
+    keys = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(keys, dict):
+        return dict(keys)
+    # transformers 4.x: a list of tied names; the source is the input embedding.
+    embed = model.get_input_embeddings()
+    source = next(n for n, p in model.named_parameters() if p is embed.weight)
+    return {k: source for k in keys if k != source}
+
+
+def set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace parameter or buffer `name` (dotted, relative to root) by `tensor`, without autograd."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+class StreamedModel:
+    """A model skeleton plus its checkpoint: parameters are loaded per module prefix and released again."""
+
+    def __init__(self, model_dir: str | Path, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+        self.dir = Path(model_dir)
+        self.checkpoint = SafetensorsCheckpoint(self.dir)
+        self.config = load_config(self.dir, trust_remote_code=trust_remote_code)
+        self.model = empty_model(self.config, trust_remote_code=trust_remote_code)
+        self.dtype = dtype  # None keeps each tensor's stored dtype
+        self.tied = tied_parameters(self.model)
+        self.keys = self._map_keys()
+
+    def _map_keys(self) -> dict[str, str]:
+        """{parameter name in the model: key in the checkpoint}; checkpoints sometimes omit or add the base prefix."""
+        prefix = getattr(self.model, "base_model_prefix", "")
+        mapping, missing = {}, []
+        for name, _ in self.model.named_parameters(remove_duplicate=False):
+            candidates = [name]
+            if prefix and name.startswith(prefix + "."):
+                candidates.append(name[len(prefix) + 1 :])
+            elif prefix:
+                candidates.append(f"{prefix}.{name}")
+            key = next((c for c in candidates if c in self.checkpoint), None)
+            if key is not None:
+                mapping[name] = key
+            elif name not in self.tied:
+                missing.append(name)
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise CheckpointError(f"model: the checkpoint in '{self.dir}' lacks {len(missing)} parameters: {shown}")
+        return mapping
+
+    def parameter_names(self, prefix: str = "") -> list[str]:
+        """Names of the (untied) parameters under a module prefix ("" for all)."""
+        head = prefix + "." if prefix else ""
+        return [n for n in self.keys if n.startswith(head)]
+
+    def load(self, names: list[str], device: torch.device | str) -> None:
+        for name in names:
+            tensor = self.checkpoint.get(self.keys[name])
+            if self.dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
+            set_tensor(self.model, name, tensor.to(device))
+        self._retie()
+
+    def release(self, names: list[str]) -> None:
+        """Drop the tensors again: the parameters go back to the meta device and their memory is freed."""
+        for name in names:
+            param = self.model.get_parameter(name)
+            set_tensor(self.model, name, torch.empty_like(param, device="meta"))
+
+    def _retie(self) -> None:
+        # Tied parameters (lm_head <- embed_tokens) must be the very same Parameter object, as from_pretrained makes them.
+        for target, source in self.tied.items():
+            owner_name, _, leaf = target.rpartition(".")
+            owner = self.model.get_submodule(owner_name) if owner_name else self.model
+            owner._parameters[leaf] = self.model.get_parameter(source)

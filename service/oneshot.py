@@ -1,0 +1,406 @@
+"""One-shot compression of a whole model: recipe stages run block by block through the pipeline.
+
+Two entry points share the same stage runner:
+- `compress_checkpoint`: a Hugging Face directory in, a compressed directory out, streaming one block at a time
+  from the safetensors files to output shards (the CLI and the job service use it);
+- `oneshot`: a model already in memory, compressed in place (the library and ModelOpt-style API use it).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.export import (
+    AtomicDirectory, ShardWriter, copy_side_files, sparsity_config, write_json,
+)
+from service.model_source import StreamedModel, resolve_model_dir
+from service.pipeline import (
+    PIPELINES, BlockResult, InMemoryBlocks, Task, capture, find_blocks, module_tasks, run_blocks,
+)
+from service import pruning_modifiers  # noqa: F401  (registers the modifiers recipes name)
+from service.recipe import load_recipe, recipe_summary
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_TOKENS = 4096  # tokens per calibration batch: large enough for efficient matmuls, small for memory
+Progress = Callable[[dict], None]
+
+
+def execution_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def token_batches(tokens: torch.Tensor, batch_size: int | None = None) -> list[dict]:
+    """[num_samples, seq_len] token ids -> model-input batches of batch_size samples."""
+    if batch_size is None:
+        batch_size = max(1, DEFAULT_BATCH_TOKENS // tokens.shape[1])
+    return [{"input_ids": tokens[i : i + batch_size]} for i in range(0, tokens.shape[0], batch_size)]
+
+
+def needs_data(modifiers: Sequence[Any]) -> bool:
+    return any(getattr(m, "statistic", None) is not None or getattr(m, "sparsity_profile", None) for m in modifiers)
+
+
+# ------------------------------------------------------------------------------------------------------- reports
+
+
+class ReportBuilder:
+    """Collects per-module and per-block figures as blocks finish."""
+
+    def __init__(self, on_progress: Progress | None = None, stage: str = "", total_blocks: int = 0):
+        self.modules: dict[str, dict] = {}
+        self.layers: list[dict] = []
+        self.on_progress = on_progress
+        self.stage = stage
+        self.total_blocks = total_blocks
+        self.started = time.perf_counter()
+
+    def on_block(self, index: int, name: str, result: BlockResult, seconds: float) -> None:
+        pruned = total = 0
+        for module_name, entry in result.modules.items():
+            if "shape" not in entry:
+                continue
+            numel = entry["shape"][0] * entry["shape"][1]
+            total += numel
+            pruned += round(entry["sparsity"] * numel)
+            self.modules[module_name] = {"layer": index, **entry}
+            log.info(
+                "%s: %s samples, loss %s, %.2f s, %.0f MB", module_name, entry.get("samples", "-"),
+                f"{entry['loss']:.4g}" if "loss" in entry else "-", entry["seconds"], entry["memory_mb"],
+            )
+        layer = {"index": index, "name": name, "seconds": seconds, "sparsity": pruned / total if total else 0.0,
+                 "params": total}
+        self.layers.append(layer)
+        if self.on_progress is not None:
+            self.on_progress({"stage": self.stage or "compressing", "layer": index + 1, "layers": self.total_blocks,
+                              "fraction": (index + 1) / max(1, self.total_blocks), "block": layer,
+                              "modules": {k: v for k, v in self.modules.items() if v["layer"] == index}})
+
+    def totals(self) -> dict:
+        params = sum(layer["params"] for layer in self.layers)
+        pruned = sum(layer["sparsity"] * layer["params"] for layer in self.layers)
+        losses = [m["loss"] for m in self.modules.values() if "loss" in m]
+        return {
+            "sparsity": pruned / params if params else 0.0,
+            "params_targeted": params,
+            "params_pruned": round(pruned),
+            "loss": sum(losses) if losses else None,
+            "seconds": time.perf_counter() - self.started,
+        }
+
+
+def merge_reports(parts: list[ReportBuilder]) -> dict:
+    """One report over all stages; a module compressed in several stages keeps its last entry."""
+    modules: dict[str, dict] = {}
+    layers: dict[int, dict] = {}
+    for part in parts:
+        modules.update(part.modules)
+        for layer in part.layers:
+            layers[layer["index"]] = layer
+    last = parts[-1] if parts else ReportBuilder()
+    report = {"modules": modules, "layers": [layers[i] for i in sorted(layers)], "totals": last.totals()}
+    report["totals"]["seconds"] = sum(p.totals()["seconds"] for p in parts)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------- a stage
+
+
+def _owl_profile(modifier, blocks, hidden, calls, store, device, mode) -> list[float]:
+    """OWL: outlier ratio of every block on the dense model, turned into per-block sparsities."""
+    from service.owl import owl_sparsities
+    from service.pruning_modifiers import OutlierProbe
+
+    probe = OutlierProbe(modifier)
+    ratios: list[float] = []
+
+    def plan(i, name, block) -> list[Task]:
+        return module_tasks(block, name, i, [probe])
+
+    def collect(i, name, result, seconds) -> None:
+        ratios.append(probe.take_block_ratio())
+
+    log.info("OWL: measuring outlier ratios of %d blocks on the dense model", len(blocks))
+    run_blocks(blocks, list(hidden), calls, plan, store, device, mode="two_pass", on_block=collect, progress=False)
+    sparsities = owl_sparsities(ratios, modifier.target_sparsity, modifier.owl_lmbda)
+    log.info("OWL: outlier ratios %s -> sparsities %s", [round(r, 4) for r in ratios], [round(s, 4) for s in sparsities])
+    return sparsities
+
+
+def run_stage(
+    model: nn.Module,
+    modifiers: Sequence[Any],
+    batches: Iterable[dict] | None,
+    store,
+    device: torch.device,
+    *,
+    mode: str = "one_pass",
+    report: ReportBuilder | None = None,
+    before_blocks: Callable[[list[tuple[str, nn.Module]]], None] | None = None,
+    probe_store=None,
+) -> ReportBuilder:
+    """Run one recipe stage over the model's blocks. `store` loads and stores block weights;
+    `before_blocks(blocks)` runs after calibration inputs are captured (the streaming path writes and frees the
+    non-block weights there); `probe_store` is the store for OWL's dense pass (which must not write)."""
+    if mode not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {PIPELINES}; got {mode!r}")
+    sequential = next((m.sequential_targets for m in modifiers if getattr(m, "sequential_targets", None)), None)
+    blocks = find_blocks(model, sequential)
+    names = [name for name, _ in blocks]
+    for modifier in modifiers:
+        modifier.check_layers(names)
+    report = report or ReportBuilder()
+    report.total_blocks = len(blocks)
+    hidden, calls = [], [[] for _ in blocks]
+    if needs_data(modifiers):
+        if batches is None:
+            raise ValueError(
+                f"dataset: {', '.join(type(m).__name__ for m in modifiers)} needs calibration data; give a dataset"
+            )
+        hidden, calls = capture(model, blocks, batches, device)
+        if not hidden:
+            raise ValueError("dataset: the calibration data yielded no batches")
+    if before_blocks is not None:
+        before_blocks(blocks)
+    for modifier in modifiers:
+        if getattr(modifier, "sparsity_profile", None) == "owl":
+            modifier.set_layer_sparsities(_owl_profile(modifier, blocks, hidden, calls, probe_store or store, device, mode))
+
+    def plan(i, name, block) -> list[Task]:
+        return module_tasks(block, name, i, modifiers)
+
+    run_blocks(blocks, hidden, calls, plan, store, device, mode=mode, on_block=report.on_block)
+    return report
+
+
+# --------------------------------------------------------------------------------------------- in-memory models
+
+
+def oneshot(
+    model: nn.Module,
+    recipe: Any,
+    *,
+    batches: Iterable[dict] | None = None,
+    device: str | torch.device | None = None,
+    pipeline: str = "one_pass",
+    keep_masks: bool = False,
+    on_progress: Progress | None = None,
+) -> dict:
+    """Compress an in-memory model in place; each block visits the execution device once. Returns the report."""
+    recipe = load_recipe(recipe)
+    device = execution_device(device)
+    if batches is not None:
+        batches = list(batches)
+    parts = []
+    for stage in recipe.stages:
+        for modifier in stage.modifiers:
+            if keep_masks and hasattr(modifier, "keep_masks"):
+                modifier.keep_masks()
+        parts.append(run_stage(model, stage.modifiers, batches, InMemoryBlocks(), device, mode=pipeline,
+                               report=ReportBuilder(on_progress, stage.name)))
+    report = merge_reports(parts)
+    report["recipe"] = recipe_summary(recipe)
+    return report
+
+
+# ------------------------------------------------------------------------------------------- streamed checkpoints
+
+
+class StreamedBlocks:
+    """Block weights read from the source checkpoint onto the device, written to an output shard, then freed."""
+
+    def __init__(self, source: StreamedModel, writer: ShardWriter | None):
+        self.source = source
+        self.writer = writer
+
+    def load(self, index, name, block, device):
+        self.source.load(self.source.parameter_names(name), device)
+
+    def store(self, index, name, block, *, changed):
+        names = self.source.parameter_names(name)
+        if self.writer is not None:
+            self.writer.write(index + 1, {n: self.source.model.get_parameter(n) for n in names})
+        self.source.release(names)
+
+
+def _stream_stage(
+    source_dir: Path, target_dir: Path, modifiers, tokens, device, *, mode, trust_remote_code, batch_size,
+    report: ReportBuilder, dtype=None,
+) -> StreamedModel:
+    source = StreamedModel(source_dir, trust_remote_code=trust_remote_code, dtype=dtype)
+    model = source.model
+    sequential = next((m.sequential_targets for m in modifiers if getattr(m, "sequential_targets", None)), None)
+    block_names = [name for name, _ in find_blocks(model, sequential)]
+    outside = [n for n in source.keys if not any(n.startswith(b + ".") for b in block_names)]
+    writer = ShardWriter(target_dir, num_shards=len(block_names) + 1)
+    source.load(outside, "cpu")  # embeddings, final norm, head: needed to capture the first block's inputs
+
+    def write_outside(blocks) -> None:
+        writer.write(0, {n: model.get_parameter(n) for n in outside if n not in source.tied})
+        source.release(outside)  # not needed while the blocks stream
+
+    batches = token_batches(tokens, batch_size) if tokens is not None else None
+    run_stage(model, modifiers, batches, StreamedBlocks(source, writer), device, mode=mode, report=report,
+              before_blocks=write_outside, probe_store=StreamedBlocks(source, None))
+    writer.finish()
+    return source
+
+
+@dataclass
+class EvalSet:
+    name: str
+    source: str | Path
+    max_tokens: int | None = None
+
+
+def compress_checkpoint(
+    model: str | Path,
+    recipe: Any,
+    output: str | Path,
+    *,
+    dataset: str | Path | None = None,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    sampling: str = "head",
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    pipeline: str = "one_pass",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    evals: Sequence[EvalSet] = (),
+    eval_seq_len: int = 512,
+    overwrite: bool = False,
+    on_progress: Progress | None = None,
+) -> dict:
+    """Compress the checkpoint `model` with `recipe` into the directory `output`; returns the report.
+
+    The output directory appears complete or not at all: config.json with a `sparsity_config`, sharded
+    safetensors and their index, tokenizer and generation files, recipe.yaml and compression_report.json.
+    """
+    from service.calibration_data import calibration_tokens
+    from service.text_data import load_tokenizer
+
+    started = time.perf_counter()
+    progress = on_progress or (lambda event: None)
+    progress({"stage": "loading", "fraction": 0.0})
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {PIPELINES}; got {pipeline!r}")
+    recipe = load_recipe(recipe)
+    device = execution_device(device)
+    model_dir = resolve_model_dir(model, revision=revision, allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    tokens = None
+    if needs_data(recipe.modifiers()):
+        if dataset is None:
+            raise ValueError("dataset: this recipe calibrates on data; give --dataset")
+        tokens = calibration_tokens(dataset, tokenizer, num_samples, seq_len, seed=seed, sampling=sampling)
+
+    with AtomicDirectory(output, overwrite=overwrite) as out:
+        source_dir = _safetensors_source(model_dir, out.tmp, allow_pickle, trust_remote_code)
+        parts: list[ReportBuilder] = []
+        for k, stage in enumerate(recipe.stages):
+            last = k == len(recipe.stages) - 1
+            target = out.tmp if last else out.tmp / f".stage-{k}"
+            part = ReportBuilder(progress, stage="compressing")
+            _stream_stage(source_dir, target, stage.modifiers, tokens, device, mode=pipeline,
+                          trust_remote_code=trust_remote_code, batch_size=batch_size, report=part)
+            if source_dir.parent == out.tmp and source_dir.name.startswith(".stage-"):
+                shutil.rmtree(source_dir)
+            if not last:
+                _finish_directory(model_dir, target, trust_remote_code, extra_config={})
+            source_dir = target
+            parts.append(part)
+        report = merge_reports(parts)
+        report.update(
+            recipe=recipe_summary(recipe),
+            source={"model": str(model), "directory": str(model_dir)},
+            calibration=None if tokens is None else {
+                "dataset": str(dataset), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
+                "sampling": sampling,
+            },
+            pipeline=pipeline, device=str(device),
+        )
+        _finish_directory(model_dir, out.tmp, trust_remote_code,
+                          extra_config={"sparsity_config": sparsity_config(report, recipe.modifiers())})
+        (out.tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        if evals:
+            progress({"stage": "evaluating", "fraction": 1.0})
+            report["perplexity"] = evaluate_pair(model_dir, out.tmp, tokenizer, evals, eval_seq_len, device,
+                                                 trust_remote_code)
+        report["totals"]["wall_seconds"] = time.perf_counter() - started
+        write_json(out.tmp / "compression_report.json", report)
+        progress({"stage": "publishing", "fraction": 1.0})
+        report["output"] = str(out.publish())
+    return report
+
+
+def _safetensors_source(model_dir: Path, workdir: Path, allow_pickle: bool, trust_remote_code: bool) -> Path:
+    """model_dir itself, or (only when allowed) a safetensors copy of a pickle-only checkpoint."""
+    from service.model_source import CheckpointError, SafetensorsCheckpoint
+
+    try:
+        SafetensorsCheckpoint(model_dir)
+        return model_dir
+    except CheckpointError:
+        if not allow_pickle or not list(model_dir.glob("pytorch_model*.bin")):
+            raise
+    from service.model_source import load_config, model_class
+
+    log.warning("loading pickle checkpoint %s because allow_pickle was given", model_dir)
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    dense = model_class(config).from_pretrained(str(model_dir), use_safetensors=False,
+                                                trust_remote_code=trust_remote_code)
+    converted = workdir / ".stage-source"
+    dense.save_pretrained(str(converted), safe_serialization=True)
+    return converted
+
+
+def _finish_directory(model_dir: Path, target: Path, trust_remote_code: bool, extra_config: dict) -> None:
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(extra_config)
+    write_json(target / "config.json", config)
+    copy_side_files(model_dir, target)
+
+
+def load_dense(model_dir: Path, device: torch.device, trust_remote_code: bool = False) -> nn.Module:
+    from service.model_source import load_config, model_class
+
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    cls = model_class(config, trust_remote_code=trust_remote_code)
+    return cls.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).to(device).eval()
+
+
+def evaluate_pair(before_dir: Path, after_dir: Path, tokenizer, evals: Sequence[EvalSet], seq_len: int,
+                  device: torch.device, trust_remote_code: bool = False) -> dict:
+    """Perplexity of the dense and the compressed model on each evaluation text."""
+    from service.perplexity import perplexity
+    from service.text_data import read_texts, tokenize
+
+    token_sets = {e.name: tokenize(tokenizer, read_texts(e.source), max_tokens=e.max_tokens) for e in evals}
+    results: dict[str, dict] = {e.name: {"source": str(e.source), "tokens": int(len(token_sets[e.name]))} for e in evals}
+    for label, directory in (("before", before_dir), ("after", after_dir)):
+        model = load_dense(directory, device, trust_remote_code)
+        for name, ids in token_sets.items():
+            results[name][label] = perplexity(model, ids, seq_len=seq_len, device=device).ppl
+        del model
+    for entry in results.values():
+        entry["ratio"] = entry["after"] / entry["before"]
+    return results
