@@ -69,7 +69,9 @@ def _upper_cholesky_of_inverse(hessian: Tensor, dampening_frac: float) -> Tensor
         return None
     hinv = torch.cholesky_inverse(lower)
     upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    if info.item() != 0 or not bool(torch.isfinite(upper).all()):
+    # potrf flags NaN pivots, so a non-finite H already failed above; checking U's diagonal
+    # catches overflow in the inverse at O(n) instead of a full isfinite pass (45 ms at n=2816).
+    if info.item() != 0 or not bool(torch.isfinite(upper.diagonal()).all()):
         return None
     return upper
 

@@ -79,6 +79,16 @@ def test_unstructured_forced_prune_counts_first():
     assert keep.tolist() == [True, False, False, False, False, True]
 
 
+def test_forced_prune_first_even_below_negative_scores():
+    scores = torch.tensor([[-3.0, -2.0, -1.0, 4.0, 5.0, 6.0, -4.0, 7.0]])
+    forced = torch.zeros(1, 8, dtype=torch.bool)
+    forced[0, 4] = True
+    keep = unstructured_keep_mask(scores, 0.25, forced_prune=forced)
+    assert keep.tolist() == [[True, True, True, True, False, True, False, True]]
+    keep = nm_keep_mask(scores, 2, 4, forced_prune=forced)
+    assert keep.tolist() == [[False, False, True, True, False, True, False, True]]
+
+
 def test_unstructured_forced_prune_per_row():
     scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
     forced = torch.tensor([[False, False, False, True], [True, True, True, False]])

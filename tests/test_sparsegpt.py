@@ -24,30 +24,48 @@ def _data(rows, cols, samples=3, seq=16, seed=0, correlated=True):
     return weight, x, acc.hessian
 
 
-def _obs_reference(weight, hessian, keep, dampening_frac):
-    """Unblocked OBS in fp64 with an explicit inverse, for a fixed keep mask.
+def _obs_reference(weight, hessian, dampening_frac, *, keep=None, sparsity=0.0, block_size=None, nm=None):
+    """Unblocked OBS in fp64 with an explicit inverse.
 
     Column by column: every row that prunes column q takes the optimal update
     w -= w_q / Hinv_qq * Hinv[q, :]; then q is removed from Hinv (rank-1 downdate),
     so later columns are compensated only on the still-free weights.
-    Returns (weight, loss) with loss = sum over pruned of w_q^2 / Hinv_qq / 2.
+    The mask is either given (``keep``) or chosen as the paper does: for N:M at each group's
+    first column from the current weights, w^2 / U_jj^2 with U = chol(Hinv, upper); for
+    unstructured at each block's first column, the int(sparsity * numel) lowest of the block.
+    Returns (weight, keep, loss) with loss = sum over pruned of w_q^2 / Hinv_qq / 2.
     """
     W = weight.double().clone()
     H = hessian.double().clone()
+    rows, cols = W.shape
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0
     W[:, dead] = 0.0
     H.diagonal().add_(dampening_frac * H.diagonal().mean())
     Hinv = torch.linalg.inv(H)
+    d2 = torch.linalg.cholesky(Hinv, upper=True).diagonal() ** 2  # Hinv_jj at the time j is reached
+    choose = keep is None
+    keep = torch.ones(rows, cols, dtype=torch.bool) if choose else keep.clone()
     loss = 0.0
-    for q in range(W.shape[1]):
+    for q in range(cols):
+        if choose and nm is not None and q % nm[1] == 0:
+            group = slice(q, q + nm[1])
+            scores = W[:, group] ** 2 / d2[group]
+            lowest = scores.topk(nm[0], dim=1, largest=False).indices
+            keep[:, group].scatter_(1, lowest, False)
+        if choose and nm is None and q % block_size == 0:
+            block = slice(q, min(q + block_size, cols))
+            scores = (W[:, block] ** 2 / d2[block]).flatten()
+            block_keep = torch.ones_like(scores, dtype=torch.bool)
+            block_keep[scores.topk(int(sparsity * scores.numel()), largest=False).indices] = False
+            keep[:, block] = block_keep.reshape(rows, -1)
         pruned = ~keep[:, q]
         coef = torch.where(pruned, W[:, q], torch.zeros_like(W[:, q])) / Hinv[q, q]
         loss += float((coef**2).sum() * Hinv[q, q] / 2)
         W -= coef[:, None] * Hinv[q][None, :]
         W[pruned, q] = 0.0
         Hinv = Hinv - torch.outer(Hinv[:, q], Hinv[q, :]) / Hinv[q, q]
-    return W, loss
+    return W, keep, loss
 
 
 def _output_error(w_new, w_old, x):
@@ -61,10 +79,30 @@ def test_matches_unblocked_obs_reference(mask_structure, sparsity, block_size):
     weight, _, hessian = _data(10, 24, samples=3, seq=12, seed=block_size)
     result = sparsegpt_prune(weight, hessian, sparsity, mask_structure=mask_structure, block_size=block_size)
     assert isinstance(result, SparseGPTResult)
-    ref, ref_loss = _obs_reference(weight, hessian, result.mask, result.dampening_frac)
+    ref, _, ref_loss = _obs_reference(weight, hessian, result.dampening_frac, keep=result.mask)
     torch.testing.assert_close(result.weight.double(), ref, rtol=1e-4, atol=2e-4)
     assert result.loss == pytest.approx(ref_loss, rel=1e-3)
     assert (result.weight[~result.mask] == 0).all()
+
+
+@pytest.mark.parametrize("mask_structure", [(2, 4), (1, 4), (4, 8)])
+def test_nm_mask_is_chosen_from_updated_weights(mask_structure):
+    weight, _, hessian = _data(12, 32, samples=2, seq=24, seed=21)
+    result = sparsegpt_prune(weight, hessian, 0.5, mask_structure=mask_structure, block_size=16)
+    ref, ref_keep, ref_loss = _obs_reference(weight, hessian, 0.01, nm=mask_structure)
+    assert torch.equal(result.mask, ref_keep)
+    torch.testing.assert_close(result.weight.double(), ref, rtol=1e-4, atol=2e-4)
+    assert result.loss == pytest.approx(ref_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("block_size", [4, 7, 32])
+def test_unstructured_mask_is_chosen_per_block(block_size):
+    weight, _, hessian = _data(12, 32, samples=2, seq=24, seed=22)
+    result = sparsegpt_prune(weight, hessian, 0.5, block_size=block_size)
+    ref, ref_keep, ref_loss = _obs_reference(weight, hessian, 0.01, sparsity=0.5, block_size=block_size)
+    assert torch.equal(result.mask, ref_keep)
+    torch.testing.assert_close(result.weight.double(), ref, rtol=1e-4, atol=2e-4)
+    assert result.loss == pytest.approx(ref_loss, rel=1e-3)
 
 
 def test_nm_mask_does_not_depend_on_block_size():
