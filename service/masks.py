@@ -7,8 +7,9 @@ same everywhere.
 Conventions for every function in this module:
   * masks are ``torch.bool`` with ``True`` = keep, ``False`` = prune;
   * lower score = pruned first;
-  * ties are broken by position (the lower flat index is pruned first), using a
-    stable sort, so the result is deterministic and never over-prunes on ties;
+  * exact counts, and ties broken by position (the lower flat index is pruned
+    first, as a stable sort would order them): deterministic, never over-pruning
+    the way a ``score <= threshold`` rule does on ties;
   * ``forced_prune`` (bool, same shape as ``scores``) marks weights that must be
     pruned whatever their score (e.g. weights that are already zero when the
     existing sparsity pattern is preserved). They are counted first toward the
@@ -89,8 +90,11 @@ def _prune_lowest(scores: Tensor, k: int, forced_prune: Tensor | None) -> Tensor
     """
     length = scores.shape[-1]
     if k <= 0 or length == 0:
-        prune = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        return ~prune if forced_prune is None else ~forced_prune
+        if forced_prune is None:
+            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        return ~forced_prune
+    if not scores.is_floating_point():
+        scores = scores.float()  # -inf below needs a float dtype
     if forced_prune is not None:
         scores = scores.masked_fill(forced_prune, float("-inf"))
     k = min(k, length)
