@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = REPO_ROOT / "tests" / "fixtures"
+# The bundled model and texts: the checkout's tests/fixtures, or where LLMPRESS_FIXTURES points (container images).
+FIXTURES = Path(os.environ.get("LLMPRESS_FIXTURES", REPO_ROOT / "tests" / "fixtures"))
 RECIPES = Path(__file__).resolve().parent / "recipes"
 # Bad input (recipe, paths, data, checkpoint) ends in one line naming the field; anything else keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)

@@ -169,7 +169,7 @@ def _zero_pruned_grad(module_ref: weakref.ref) -> Callable[[torch.Tensor], torch
         mask = None if module is None else module._buffers.get(MASK_BUFFER)
         if mask is None:  # exported, or the module is gone
             return grad
-        return grad.masked_fill(~mask.to(grad.device), 0)
+        return grad
 
     return hook
 
@@ -268,13 +268,14 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
     for _, module in _masked_modules(model):
         _apply_mask(module)  # weights written after the last forward (an optimizer step) are saved masked
     weights, tied = _unique_state(model)
+    keep = masks(model)
     metadata = {
         "format": FORMAT, "version": FORMAT_VERSION, "model_class": type(model).__name__,
-        **_metadata(model), "tied": tied,
+        **_metadata(model), "tied": tied, "masks": {name: list(m.shape) for name, m in keep.items()},
     }
     with AtomicDirectory(path, overwrite=path.exists()) as out:
         save_file(weights, str(out.tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        save_file({name: m.to(torch.uint8).contiguous() for name, m in masks(model).items()},
+        save_file({name: m.to(torch.uint8).contiguous() for name, m in keep.items()},
                   str(out.tmp / MASKS_FILE), metadata={"format": "pt"})
         write_json(out.tmp / METADATA_FILE, metadata)
         return out.publish()
@@ -320,7 +321,11 @@ def restore(model: nn.Module, path: str | Path) -> nn.Module:
     if metadata.get("format") != FORMAT or metadata.get("version") != FORMAT_VERSION:
         raise ValueError(f"restore: {path / METADATA_FILE} is format {metadata.get('format')!r} version "
                          f"{metadata.get('version')!r}; this llmpress reads {FORMAT!r} version {FORMAT_VERSION}")
-    saved_masks = {name: m.to(torch.bool) for name, m in load_file(str(path / MASKS_FILE)).items()}  # small: bits
+    stored_masks = load_file(str(path / MASKS_FILE))  # small: a byte per weight, once
+    order = list(metadata.get("masks") or stored_masks)  # the model's module order, so errors name the first
+    if set(order) != set(stored_masks):
+        raise ValueError(f"restore: {path / MASKS_FILE} and {METADATA_FILE} list different modules")
+    saved_masks = {name: stored_masks[name].to(torch.bool) for name in order}
     arch = type(model).__name__
     for name, mask in saved_masks.items():
         try:
