@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sampling", choices=("head", "random"), default="head",
                    help="calibration windows from the start of the text, or drawn at random with --seed")
     c.add_argument("--batch-size", type=int, default=None, help="calibration samples per batch (default: ~4096 tokens)")
-    c.add_argument("--pipeline", choices=("one_pass", "two_pass"), default="one_pass")
+    c.add_argument("--pipeline", choices=("one_pass", "two_pass"), default="two_pass",
+                   help="two_pass: calibrate on the dense block (SparseGPT paper, llm-compressor); one_pass: true sequential, one forward per block")
     c.add_argument("--eval", action="append", default=[], metavar="TEXT",
                    help="evaluation text for perplexity before/after (repeatable)")
     c.add_argument("--eval-max-tokens", type=int, default=None)

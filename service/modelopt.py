@@ -120,10 +120,9 @@ def sparsify(model: nn.Module, mode: str, config: Mapping[str, Any] | None = Non
 def _model_batches(model: nn.Module, data_loader: Any, collect_func: Callable | None) -> list[dict]:
     """The model-input dicts of every batch, on the device of the model's embeddings (where capture runs them)."""
     if isinstance(data_loader, (torch.Tensor, Mapping, str, bytes)) or not isinstance(data_loader, Iterable):
-        raise ValueError(
-            f"config: data_loader must be an iterable of batches (a DataLoader or a list); got "
-            f"{type(data_loader).__name__}" + ("; wrap one batch in a list" if isinstance(data_loader, (torch.Tensor, Mapping)) else "")
-        )
+        hint = "; wrap one batch in a list" if isinstance(data_loader, (torch.Tensor, Mapping)) else ""
+        raise ValueError(f"config: data_loader must be an iterable of batches (a DataLoader or a list); "
+                         f"got {type(data_loader).__name__}{hint}")
     home = next(model.parameters()).device
     batches = []
     for k, batch in enumerate(data_loader):
@@ -169,7 +168,7 @@ def _zero_pruned_grad(module_ref: weakref.ref) -> Callable[[torch.Tensor], torch
         mask = None if module is None else module._buffers.get(MASK_BUFFER)
         if mask is None:  # exported, or the module is gone
             return grad
-        return grad
+        return grad.masked_fill(~mask.to(grad.device), 0)
 
     return hook
 

@@ -9,14 +9,15 @@ Data flows forward through four steps, each with tensors in and out:
   solve     a modifier turns (weight, statistic) into a pruned weight with a pure function;
   propagate the block's output, computed with the pruned weights, becomes the next block's input.
 
-The default, one-pass mode does calibrate, solve and propagate in a single forward per block ("true sequential"):
-every calibration batch runs in its own greenlet, and each pauses at a target module's pre-hook until all batches
-have contributed to its statistic; the module is then solved and all batches continue through the pruned module.
-So o_proj is calibrated on the output of the pruned q/k/v, down_proj on the pruned gate/up, and the block's
-compressed output falls out of the same pass. Compared with calibrating on the dense block and running it again
-to propagate (llm-compressor's way, our "two_pass" mode), this halves the forward work and lets later modules
-compensate the error of earlier ones. Memory: what each batch holds at a pause (the residual and one module's
-input), for all batches at once; the block's transient intermediates exist for one batch at a time.
+Two modes. "two_pass" (the default) is the SparseGPT paper's and llm-compressor's: every module of a block is
+calibrated on the dense block, then the block runs again with the pruned weights to propagate. "one_pass" does
+calibrate, solve and propagate in a single forward per block ("true sequential"): every calibration batch runs
+in its own greenlet, and each pauses at a target module's pre-hook until all batches have contributed to its
+statistic; the module is then solved and all batches continue through the pruned module. So o_proj is
+calibrated on the output of the pruned q/k/v, down_proj on the pruned gate/up, and the block's compressed
+output falls out of the same pass: half the forward work, lower layer losses, and perplexity within a few
+percent of two-pass either way (bench/RESULTS.md). Its memory: what each batch holds at a pause (the residual
+and one module's input), for all batches at once; transient intermediates exist for one batch at a time.
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ def run_block(
     calls: list[BlockCall],
     tasks: list[Task],
     *,
-    mode: str = "one_pass",
+    mode: str = "two_pass",
     propagate: bool = True,
 ) -> BlockResult:
     """Calibrate, compress and propagate one block (already on its execution device).
@@ -421,7 +422,7 @@ def run_blocks(
     store: BlockStore,
     device: torch.device,
     *,
-    mode: str = "one_pass",
+    mode: str = "two_pass",
     on_block: Callable[[int, str, BlockResult, float], None] | None = None,
     progress: bool | None = None,
 ) -> list[torch.Tensor]:

@@ -187,7 +187,8 @@ def test_save_restore_gives_the_same_model_with_active_masks(kind, tmp_path):
     expected = logits(model)
     out = mto.save(model, tmp_path / "ckpt")
     assert out == (tmp_path / "ckpt").resolve()
-    assert sorted(p.name for p in out.iterdir()) == ["llmpress_sparsity.json", "masks.safetensors", "weights.safetensors"]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["llmpress_sparsity.json", "masks.safetensors", "weights.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary sibling left behind
     with safe_open(str(out / "masks.safetensors"), framework="pt") as f:
         assert set(f.keys()) == set(mto.masks(model))
@@ -261,8 +262,21 @@ def llama_ckpt(tmp_path):
     return mto.save(model, tmp_path / "ckpt")
 
 
+def test_restore_into_a_sparse_model_replaces_its_masks(llama_ckpt):
+    other = sparse("llama", mode="sparsegpt")
+    restored = mto.restore(other, llama_ckpt)
+    assert restored._llmpress_sparsity["mode"] == "sparse_magnitude"
+    assert all(len(m._forward_pre_hooks) <= 1 for m in restored.modules())  # the old hooks are gone
+    reference = mto.restore(llama(seed=5), llama_ckpt)
+    for name, mask in mto.masks(reference).items():
+        assert torch.equal(mto.masks(restored)[name], mask), name
+    assert set(mto.masks(restored)) == set(mto.masks(reference))
+    assert torch.equal(logits(restored), logits(reference))
+
+
 def test_restore_refuses_another_architecture(llama_ckpt):
-    with pytest.raises(ValueError, match=r"mask for module 'model\.layers\.0\.self_attn\.q_proj', which GPT2LMHeadModel does not have"):
+    message = r"mask for module 'model\.layers\.0\.self_attn\.q_proj', which GPT2LMHeadModel does not have"
+    with pytest.raises(ValueError, match=message):
         mto.restore(gpt2(), llama_ckpt)
 
 
@@ -294,6 +308,19 @@ def test_restore_needs_a_checkpoint_directory(tmp_path, llama_ckpt):
         mto.restore(llama(), llama_ckpt)
     with pytest.raises(FileNotFoundError, match="not an llmpress sparsity checkpoint"):
         mto.restore(llama(), tmp_path / "nowhere")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_cuda_keeps_its_masks_there(tmp_path):
+    model = llama().cuda()
+    mto.sparsify(model, "sparsegpt", config={"data_loader": batches()})  # CPU batches go to the model's device
+    q = model.model.layers[0].self_attn.q_proj
+    assert q._llmpress_mask.device.type == "cuda"
+    assert_2_of_4(q.weight)
+    expected = logits(model, PROBE.cuda()).cpu()
+    mto.save(model, tmp_path / "ckpt")
+    restored = mto.restore(llama(seed=9), tmp_path / "ckpt")  # on CPU
+    torch.testing.assert_close(logits(restored), expected, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------- export
