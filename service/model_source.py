@@ -105,24 +105,6 @@ class SafetensorsCheckpoint:
         """One tensor, read from disk into CPU memory (memory-mapped by safetensors until copied)."""
         return self._handles[self._file_of[key]].get_tensor(key)
 
-    def dtype(self) -> torch.dtype:
-        """The floating dtype most of the checkpoint's tensors use."""
-        counts: dict[torch.dtype, int] = {}
-        for key in self._file_of:
-            handle = self._handles[self._file_of[key]]
-            t = handle.get_slice(key)
-            dt = _SAFETENSORS_DTYPES.get(t.get_dtype())
-            if dt is not None and dt.is_floating_point:
-                counts[dt] = counts.get(dt, 0) + 1
-        return max(counts, key=counts.get) if counts else torch.float32
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 def load_config(model_dir: str | Path, *, trust_remote_code: bool = False):
     from transformers import AutoConfig

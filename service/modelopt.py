@@ -61,7 +61,8 @@ def sparsify(model: nn.Module, mode: str, config: Mapping[str, Any] | None = Non
 
     config: `data_loader` (iterable of batches; required for sparsegpt), `collect_func` (batch -> input_ids
     tensor or dict of model kwargs), and the pruning options `mask_structure` (default "2:4"), `sparsity`,
-    `targets`, `ignore`, `pipeline`, `device`, and for sparsegpt `block_size`, `dampening_frac`.
+    `targets`, `ignore`, `pipeline` (default: oneshot's), `device`, and for sparsegpt `block_size`,
+    `dampening_frac`.
     Returns the same model object.
     """
     if mode not in MODES:
@@ -79,9 +80,9 @@ def sparsify(model: nn.Module, mode: str, config: Mapping[str, Any] | None = Non
             f"{type(model).__name__} is already sparse (mode {_metadata(model).get('mode')!r}); "
             "call export(model) first to bake its masks in, then sparsify again"
         )
-    pipeline = config.get("pipeline", "one_pass")
-    if pipeline not in PIPELINES:
-        raise ValueError(f"config: pipeline must be one of {PIPELINES}; got {pipeline!r}")
+    run = {"pipeline": config["pipeline"]} if "pipeline" in config else {}  # else the engine's default
+    if "pipeline" in run and run["pipeline"] not in PIPELINES:
+        raise ValueError(f"config: pipeline must be one of {PIPELINES}; got {run['pipeline']!r}")
 
     options = {k: config[k] for k in ("sparsity", "targets", "ignore") + SPARSEGPT_KEYS if k in config}
     options["mask_structure"] = config.get("mask_structure", DEFAULT_MASK_STRUCTURE)
@@ -99,8 +100,7 @@ def sparsify(model: nn.Module, mode: str, config: Mapping[str, Any] | None = Non
     training = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        report = oneshot(model, [modifier], batches=batches, keep_masks=True, device=config.get("device"),
-                         pipeline=pipeline)
+        report = oneshot(model, [modifier], batches=batches, keep_masks=True, device=config.get("device"), **run)
     finally:
         for m, flag in training.items():
             m.training = flag
@@ -118,7 +118,8 @@ def sparsify(model: nn.Module, mode: str, config: Mapping[str, Any] | None = Non
 
 
 def _model_batches(model: nn.Module, data_loader: Any, collect_func: Callable | None) -> list[dict]:
-    """The model-input dicts of every batch, on the device of the model's embeddings (where capture runs them)."""
+    """The model-input dicts of every batch, on the device of the model's first parameter (its embeddings, where
+    capture runs the forward)."""
     if isinstance(data_loader, (torch.Tensor, Mapping, str, bytes)) or not isinstance(data_loader, Iterable):
         hint = "; wrap one batch in a list" if isinstance(data_loader, (torch.Tensor, Mapping)) else ""
         raise ValueError(f"config: data_loader must be an iterable of batches (a DataLoader or a list); "

@@ -200,18 +200,28 @@ def oneshot(
     keep_masks: bool = False,
     on_progress: Progress | None = None,
 ) -> dict:
-    """Compress an in-memory model in place; each block visits the execution device once. Returns the report."""
+    """Compress an in-memory model in place; each block visits the execution device once. Returns the report.
+
+    If it fails part-way, the blocks already done stay pruned: work on a copy when that matters.
+    """
     recipe = load_recipe(recipe)
     device = execution_device(device)
     if batches is not None:
         batches = list(batches)
     parts = []
-    for stage in recipe.stages:
-        for modifier in stage.modifiers:
-            if keep_masks and hasattr(modifier, "keep_masks"):
-                modifier.keep_masks()
-        parts.append(run_stage(model, stage.modifiers, batches, InMemoryBlocks(), device, mode=pipeline,
-                               report=ReportBuilder(on_progress, stage.name)))
+    # Calibrate in eval mode (dropout would add noise to the Hessians), then give back each module's mode.
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for stage in recipe.stages:
+            for modifier in stage.modifiers:
+                if keep_masks and hasattr(modifier, "keep_masks"):
+                    modifier.keep_masks()
+            parts.append(run_stage(model, stage.modifiers, batches, InMemoryBlocks(), device, mode=pipeline,
+                                   report=ReportBuilder(on_progress, stage.name)))
+    finally:
+        for module, mode in training.items():
+            module.training = mode
     report = merge_reports(parts)
     report["recipe"] = recipe_summary(recipe)
     return report

@@ -150,10 +150,13 @@ def capture(
 
     for i, (_, block) in enumerate(blocks):
         block.forward = recorder(i)
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embedding, "weight", None)
+    input_device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
     try:
         for batch in batches:
             memo.clear()  # share tensors across the blocks of one batch only
-            kwargs = dict(batch)
+            kwargs = to_device(dict(batch), input_device)
             if getattr(model.config, "use_cache", None) is not None:
                 kwargs.setdefault("use_cache", False)
             try:

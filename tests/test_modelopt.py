@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 from transformers.pytorch_utils import Conv1D
 
 from service import modelopt as mto
+from service.oneshot import oneshot
 
 VOCAB = 128
 
@@ -124,20 +125,31 @@ def test_calibration_runs_without_dropout():
     assert torch.equal(logits(quiet), logits(noisy))
 
 
-def test_tensor_batches_and_pruning_options_pass_through():
+def test_tensor_batches_and_pruning_options_pass_through(monkeypatch):
+    calls = []
+
+    def spy(model, recipe, **kwargs):
+        calls.append(kwargs)
+        return oneshot(model, recipe, **kwargs)
+
+    monkeypatch.setattr(mto, "oneshot", spy)
     loader = [b["input_ids"] for b in batches()]  # plain tensors: the default collect_func makes input_ids
     model = mto.sparsify(llama(), "sparsegpt", config={
         "data_loader": loader, "mask_structure": "0:0", "sparsity": 0.25, "ignore": ["re:.*mlp.*"],
-        "pipeline": "two_pass", "block_size": 16, "dampening_frac": 0.05, "device": "cpu",
+        "pipeline": "one_pass", "block_size": 16, "dampening_frac": 0.05, "device": "cpu",
     })
+    assert calls[0]["pipeline"] == "one_pass" and calls[0]["device"] == "cpu" and calls[0]["keep_masks"]
+    assert [b["input_ids"] for b in calls[0]["batches"]] == loader
     found = mto.masks(model)
     assert found and all(".self_attn." in name for name in found)
     for name, mask in found.items():
         assert (~mask).float().mean().item() == pytest.approx(0.25, abs=0.02)
     assert model._llmpress_sparsity["config"] == {
-        "mask_structure": "0:0", "sparsity": 0.25, "ignore": ["re:.*mlp.*"], "pipeline": "two_pass",
+        "mask_structure": "0:0", "sparsity": 0.25, "ignore": ["re:.*mlp.*"], "pipeline": "one_pass",
         "block_size": 16, "dampening_frac": 0.05, "device": "cpu",
     }
+    mto.sparsify(llama(), "sparse_magnitude")
+    assert "pipeline" not in calls[1] and calls[1]["batches"] is None  # the engine's default; no data read
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
