@@ -121,3 +121,23 @@ def test_input_norm_accumulator():
     torch.testing.assert_close(bf.squared_norm, (batches[0].bfloat16().double() ** 2).sum((0, 1)).float())
     with pytest.raises(ValueError, match="5"):
         acc.add(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("columns", [512, 1030])
+def test_wide_inputs_use_the_block_triangle_and_stay_exact(columns):
+    """Wide Hessians are computed as an upper block-triangle and mirrored: same value, exactly symmetric."""
+    torch.manual_seed(0)
+    acc = HessianAccumulator(columns)
+    xs = [torch.randn(3, 40, columns), torch.randn(2, 30, columns)]
+    for x in xs:
+        acc.add(x)
+    tokens = torch.cat([x.reshape(-1, columns) for x in xs]).double()
+    expected = 2.0 / 5 * tokens.T @ tokens
+    torch.testing.assert_close(acc.hessian.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(acc.hessian, acc.hessian.T)
+    other = HessianAccumulator(columns)
+    other.add(xs[1])
+    half = HessianAccumulator(columns)
+    half.add(xs[0])
+    half.merge(other)
+    torch.testing.assert_close(half.hessian, acc.hessian, rtol=1e-5, atol=1e-4)
