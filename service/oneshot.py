@@ -249,9 +249,9 @@ class StreamedBlocks:
 
 def _stream_stage(
     source_dir: Path, target_dir: Path, modifiers, tokens, device, *, mode, trust_remote_code, batch_size,
-    report: ReportBuilder, dtype=None,
-) -> StreamedModel:
-    source = StreamedModel(source_dir, trust_remote_code=trust_remote_code, dtype=dtype)
+    report: ReportBuilder,
+) -> None:
+    source = StreamedModel(source_dir, trust_remote_code=trust_remote_code)
     model = source.model
     sequential = next((m.sequential_targets for m in modifiers if getattr(m, "sequential_targets", None)), None)
     block_names = [name for name, _ in find_blocks(model, sequential)]
@@ -267,7 +267,6 @@ def _stream_stage(
     run_stage(model, modifiers, batches, StreamedBlocks(source, writer), device, mode=mode, report=report,
               before_blocks=write_outside, probe_store=StreamedBlocks(source, None))
     writer.finish()
-    return source
 
 
 @dataclass

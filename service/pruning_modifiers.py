@@ -66,7 +66,7 @@ class SparsityModifierBase(Modifier):
     _layer_sparsities: list[float] | None = PrivateAttr(default=None)
     _keep_masks: bool = PrivateAttr(default=False)
     _masks: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _module_names: dict[nn.Module, tuple[str, int]] = PrivateAttr(default_factory=dict)
+    _module_names: dict[nn.Module, tuple[str, int, str]] = PrivateAttr(default_factory=dict)  # name, block, block name
     _statistics: dict[nn.Module, Any] = PrivateAttr(default_factory=dict)
     _reports: dict[str, dict] = PrivateAttr(default_factory=dict)
 
@@ -239,7 +239,7 @@ class SparsityModifierBase(Modifier):
         self._module_names = {}
         for index, (block_name, block) in enumerate(blocks):
             for name, module in compressible_modules(block, block_name, self.target_patterns, self.ignore_patterns):
-                self._module_names[module] = (name, index)
+                self._module_names[module] = (name, index, block_name)
         return True
 
     def on_start(self, state: State, event: Event, **kwargs: Any) -> None:
@@ -265,13 +265,13 @@ class SparsityModifierBase(Modifier):
         """Prune every module that has calibration data (or all targets, for data-free methods)."""
         pending = list(self._module_names) if self.statistic is None else list(self._statistics)
         for module in pending:
-            name, index = self._module_names[module]
+            name, index, block_name = self._module_names[module]
             if name in self._reports:
                 continue
             statistic = self._statistics.pop(module, None)
             if statistic is not None:
                 statistic.to(module.weight.device)
-            report = self.compress_module(name, module, statistic, self.layer_sparsity(index, name.rsplit(".", 1)[0]))
+            report = self.compress_module(name, module, statistic, self.layer_sparsity(index, block_name))
             log.info("%s: %s", name, {k: v for k, v in report.items() if k in ("sparsity", "loss")})
 
     def on_update(self, state: State, event: Event, **kwargs: Any) -> None:
