@@ -49,8 +49,8 @@ def main(argv=None) -> None:
     ap.add_argument("--stats-out", type=Path, default=None, help="JSON of phase times and per-module details")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-compressed", action="store_true",
-                    help="save in compressed-tensors sparse format (llm-compressor's default); "
-                         "off: plain dense safetensors, the same kind of file the engine writes")
+                    help="save_compressed=True (llm-compressor's default). With 0.14 and a sparsity-only recipe it "
+                         "writes the same dense safetensors either way (no sparsity compressor is inferred)")
     a = ap.parse_args(argv)
 
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
