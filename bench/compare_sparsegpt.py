@@ -40,7 +40,7 @@ DISTURBED = 0.10
 
 
 def sparsegpt_matmul_flops(cfg: dict, num_samples: int, seq_len: int, forwards_per_layer: int,
-                           shared_hessians: bool, block_size: int = 128) -> dict:
+                           shared_hessians: bool, block_size: int = 128, ours: bool = False) -> dict:
     """Matmul FLOPs (multiply + add = 2) of layer-wise SparseGPT over the decoder layers.
 
     forward: projections 2*N*out*in per Linear, plus attention scores and values 2 * 2*S*T^2*q_dim per layer
@@ -51,6 +51,9 @@ def sparsegpt_matmul_flops(cfg: dict, num_samples: int, seq_len: int, forwards_p
     solve: identical on both sides: Cholesky, inverse, Cholesky (~4/3 in^3) plus the OBS updates,
         out*in^2 for the lazy block updates and out*block*in inside the blocks.
     Embeddings and lm_head are left out (llm-compressor moves lm_head to meta during calibration).
+    ours: the engine's two savings beyond sharing: its two-pass calibration forward stops at down_proj's input
+        (skipping that matmul), and Hessians of inputs >= 512 wide are computed as an upper block-triangle of
+        4 row blocks (10/16 of the full product).
     """
     h, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
@@ -61,9 +64,13 @@ def sparsegpt_matmul_flops(cfg: dict, num_samples: int, seq_len: int, forwards_p
 
     forward = 2 * n * sum(o * i for o, i in linears.values()) + 2 * 2 * num_samples * seq_len**2 * q
     hessian_inputs = [h, q, h, f] if shared_hessians else [i for _, i in linears.values()]
-    hessian = sum(2 * n * i * i for i in hessian_inputs)
+    triangle = (lambda i: 10 / 16 if i >= 512 else 1.0) if ours else (lambda i: 1.0)
+    hessian = sum(2 * n * i * i * triangle(i) for i in hessian_inputs)
     solve = sum(4 * i**3 / 3 + o * i * i + o * block_size * i for o, i in linears.values())
-    per_layer = {"forward": forwards_per_layer * forward, "hessian": hessian, "solve": solve}
+    forwards = forward * forwards_per_layer
+    if ours and forwards_per_layer == 2:
+        forwards -= 2 * n * h * f  # the calibration pass stops before down_proj
+    per_layer = {"forward": forwards, "hessian": hessian, "solve": solve}
     out = {k: layers * v for k, v in per_layer.items()}
     out["total"] = sum(out.values())
     return out
@@ -277,7 +284,8 @@ def report(a, cfg: dict, runs: dict, losses: dict) -> dict:
             summary[side]["phase_s"] = med
 
     theirs = sparsegpt_matmul_flops(cfg, a.num_samples, a.seq_len, forwards_per_layer=2, shared_hessians=False)
-    ours = {p: sparsegpt_matmul_flops(cfg, a.num_samples, a.seq_len, forwards_per_layer=k, shared_hessians=True)
+    ours = {p: sparsegpt_matmul_flops(cfg, a.num_samples, a.seq_len, forwards_per_layer=k, shared_hessians=True,
+                                     ours=True)
             for p, k in (("one_pass", 1), ("two_pass", 2))}
     floors = {p: fl["total"] / theirs["total"] for p, fl in ours.items()}
     summary["flops"] = {"llmcompressor": theirs, **{f"ours_{p}": fl for p, fl in ours.items()}, "ratio": floors}

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--pipeline", default="two_pass")
     a = ap.parse_args(argv)
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    a.work.mkdir(parents=True, exist_ok=True)
     text = calibration_text(a.work, a.num_samples, a.seq_len, REPO / "tests/fixtures/models/stories260K/tokenizer.json")
     rows = []
     for layers in a.layers:

@@ -229,9 +229,9 @@ class BlockStatistics:
             acc = self.accumulators.get((group, kind))
             if acc is None:
                 acc = self.accumulators[(group, kind)] = _new_accumulator(kind, x.shape[-1], self.device)
-            elif task.offload:
-                acc.to(self.device)
-            acc.add(x)
+            acc.to(self.device).add(x)
+            if task.offload:  # offload_hessians: device memory holds a Hessian only while it is being updated
+                acc.to("cpu")
 
     def end_batch(self, batch_key: Any) -> None:
         self._seen.pop(batch_key, None)

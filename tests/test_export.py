@@ -143,3 +143,24 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
         compress_checkpoint("someone/some-model", RECIPE_24, tmp_path / "out", dataset=WIKI_VALID, device="cpu")
     with pytest.raises(CheckpointError, match="does not exist"):
         compress_checkpoint(str(tmp_path / "nowhere"), RECIPE_24, tmp_path / "out", dataset=WIKI_VALID, device="cpu")
+
+
+def test_bf16_checkpoint_stays_bf16_with_fp32_hessians(tmp_path):
+    """A bf16 model calibrates in bf16 (its own matmul dtype) while Hessians accumulate in fp32; the output keeps
+    the checkpoint's dtype and the 2:4 pattern."""
+    from safetensors import safe_open
+
+    model = make_model("llama").to(torch.bfloat16)
+    src = tmp_path / "src"
+    model.save_pretrained(str(src))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (src / name).write_bytes((WIKI_VALID.parents[2] / "models" / "stories260K" / name).read_bytes())
+    report = compress_checkpoint(src, RECIPE_24, tmp_path / "out", dataset=WIKI_VALID, num_samples=8, seq_len=32,
+                                 device="cpu")
+    assert report["totals"]["sparsity"] == pytest.approx(0.5)
+    assert all(m["loss"] >= 0 and m["loss"] == m["loss"] for m in report["modules"].values())  # finite, no NaN
+    shard = sorted((tmp_path / "out").glob("model-00002-*.safetensors"))[0]
+    with safe_open(str(shard), "pt") as f:
+        weight = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    assert weight.dtype == torch.bfloat16
+    assert ((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
