@@ -25,7 +25,7 @@ from make_random_llama import write_model  # noqa: E402
 LOAD_WHOLE = (
     "import sys, torch; from transformers import AutoModelForCausalLM; "
     "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); "
-    "print(sum(p.numel() for p in m.parameters()))"
+    "print(sum(float(p.float().sum()) for p in m.parameters()))"  # touch every weight: mmap pages become resident
 )
 
 

@@ -22,7 +22,15 @@ else
 fi
 
 extras=""
-if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+if [ "${1:-}" = "--test" ]; then
+  extras="[test]"
+  # The job-store tests start a throwaway PostgreSQL from Debian's binaries; without them those tests skip.
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } \
+      || echo "setup: warning: could not install PostgreSQL; its tests will be skipped"
+  fi
+fi
 "$PY" -m pip install --quiet -e ".$extras"
 # pyenv only puts new console scripts (llmpress) on PATH after a rehash.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from service.masks import keep_mask, validate_mask_structure, validate_sparsity
+from service.masks import prune_by_scores
 
 
 def magnitude_prune(
@@ -25,12 +25,8 @@ def magnitude_prune(
         ``(pruned weight, keep mask)``: the weight has ``weight``'s dtype and device; the mask is
         bool [out, in], True = kept.
     """
-    mask_structure = validate_mask_structure(mask_structure)
-    validate_sparsity(sparsity)
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-D float tensor [out, in]; got {weight.dtype} {tuple(weight.shape)}")
-    forced = (weight == 0) if preserve_sparsity_mask else None
     # Rank in fp32: fp16/bf16 magnitudes tie far more often, and ties then fall to position.
     scores = weight.detach().abs().float()
-    keep = keep_mask(scores, sparsity, mask_structure, forced_prune=forced)
-    return weight.detach().masked_fill(~keep, 0), keep
+    return prune_by_scores(weight, scores, sparsity, mask_structure, preserve_sparsity_mask=preserve_sparsity_mask)

@@ -174,3 +174,28 @@ def keep_mask(
     if n == 0:
         return unstructured_keep_mask(scores, sparsity, per_row=per_row, forced_prune=forced_prune)
     return nm_keep_mask(scores, n, m, forced_prune=forced_prune)
+
+
+def prune_by_scores(
+    weight: Tensor,
+    scores: Tensor,
+    sparsity: float,
+    mask_structure: tuple[int, int],
+    *,
+    per_row: bool = False,
+    preserve_sparsity_mask: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Zero the lowest-scoring weights (no update of the others): the whole of magnitude and Wanda pruning.
+
+    Args:
+        weight: [out, in] float tensor; not modified.
+        scores: [out, in], higher = more important.
+        preserve_sparsity_mask: weights already exactly zero are always pruned and counted first.
+    Returns:
+        ``(pruned weight, keep mask)``: weight in ``weight``'s dtype and device; mask bool [out, in], True = kept.
+    """
+    mask_structure = validate_mask_structure(mask_structure)
+    validate_sparsity(sparsity)
+    forced = (weight == 0) if preserve_sparsity_mask else None
+    keep = keep_mask(scores, sparsity, mask_structure, per_row=per_row, forced_prune=forced)
+    return weight.detach().masked_fill(~keep, 0), keep

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from service.masks import keep_mask, validate_mask_structure, validate_sparsity
+from service.masks import prune_by_scores
 
 
 def wanda_scores(weight: Tensor, input_squared_norm: Tensor) -> Tensor:
@@ -46,12 +46,8 @@ def wanda_prune(
     Returns:
         ``(pruned weight, keep mask)``: weight in ``weight``'s dtype; mask bool [out, in], True = kept.
     """
-    mask_structure = validate_mask_structure(mask_structure)
-    validate_sparsity(sparsity)
     if not weight.is_floating_point():
         raise ValueError(f"weight must be a float tensor; got {weight.dtype}")
-    scores = wanda_scores(weight, input_squared_norm)
-    forced = (weight == 0) if preserve_sparsity_mask else None
     # The paper compares weights within one output row: pruning evenly across outputs matters for LLMs.
-    keep = keep_mask(scores, sparsity, mask_structure, per_row=True, forced_prune=forced)
-    return weight.detach().masked_fill(~keep, 0), keep
+    return prune_by_scores(weight, wanda_scores(weight, input_squared_norm), sparsity, mask_structure, per_row=True,
+                           preserve_sparsity_mask=preserve_sparsity_mask)
