@@ -96,14 +96,8 @@ def sparsify(model: nn.Module, mode: str, config: Mapping[str, Any] | None = Non
                              "of batches) and, if a batch is not the model's input, config['collect_func']")
         batches = _model_batches(model, config["data_loader"], config.get("collect_func"))
 
-    # Calibrate without dropout (a freshly built model is in train mode); each module's mode is put back after.
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        report = oneshot(model, [modifier], batches=batches, keep_masks=True, device=config.get("device"), **run)
-    finally:
-        for m, flag in training.items():
-            m.training = flag
+    # oneshot calibrates in eval mode (no dropout) and gives every module its mode back.
+    report = oneshot(model, [modifier], batches=batches, keep_masks=True, device=config.get("device"), **run)
 
     for name, mask in modifier.masks.items():
         _attach(model.get_submodule(name), mask)
