@@ -448,7 +448,8 @@ def run_blocks(
     """Stream every block through the execution device once: load, calibrate, compress, propagate, store.
 
     `plan(i, name, block)` says which modules of block i to compress and how; `on_block` receives each block's
-    result (for reports and job progress). Returns the last block's outputs.
+    result (for reports and job progress). `hidden` is replaced in place by each block's outputs, so the
+    caller's list lets go of earlier activations too; the last block's are returned.
     """
     from tqdm.auto import tqdm
 
@@ -467,7 +468,8 @@ def run_blocks(
                 result = run_block(block, [], [], tasks, mode=mode, propagate=False)
             store.store(i, name, block, changed=bool(tasks))
             if result.outputs:
-                hidden = result.outputs
+                # In place, so the caller's list lets go of the previous activations too (no second copy).
+                hidden[:] = result.outputs
             bar.set_postfix_str(name)
             bar.update()
             if on_block is not None:
