@@ -51,6 +51,12 @@ def token_batches(tokens: torch.Tensor, batch_size: int | None = None) -> list[d
     return [{"input_ids": tokens[i : i + batch_size]} for i in range(0, tokens.shape[0], batch_size)]
 
 
+def stage_blocks(model: nn.Module, modifiers: Sequence[Any]) -> list[tuple[str, nn.Module]]:
+    """The blocks a stage streams: the first modifier's sequential_targets if one names them, else the model's."""
+    sequential = next((m.sequential_targets for m in modifiers if getattr(m, "sequential_targets", None)), None)
+    return find_blocks(model, sequential)
+
+
 def needs_data(modifiers: Sequence[Any]) -> bool:
     return any(getattr(m, "statistic", None) is not None or getattr(m, "sparsity_profile", None) for m in modifiers)
 
@@ -120,7 +126,7 @@ def merge_reports(parts: list[ReportBuilder]) -> dict:
 # ------------------------------------------------------------------------------------------------------- a stage
 
 
-def _owl_profile(modifier, blocks, hidden, calls, store, device, mode) -> list[float]:
+def _owl_profile(modifier, blocks, hidden, calls, store, device) -> list[float]:
     """OWL: outlier ratio of every block on the dense model, turned into per-block sparsities."""
     from service.owl import owl_sparsities
     from service.pruning_modifiers import OutlierProbe
@@ -158,8 +164,7 @@ def run_stage(
     non-block weights there); `probe_store` is the store for OWL's dense pass (which must not write)."""
     if mode not in PIPELINES:
         raise ValueError(f"pipeline must be one of {PIPELINES}; got {mode!r}")
-    sequential = next((m.sequential_targets for m in modifiers if getattr(m, "sequential_targets", None)), None)
-    blocks = find_blocks(model, sequential)
+    blocks = stage_blocks(model, modifiers)
     names = [name for name, _ in blocks]
     for modifier in modifiers:
         modifier.check_layers(names)
@@ -178,7 +183,7 @@ def run_stage(
         before_blocks(blocks)
     for modifier in modifiers:
         if getattr(modifier, "sparsity_profile", None) == "owl":
-            modifier.set_layer_sparsities(_owl_profile(modifier, blocks, hidden, calls, probe_store or store, device, mode))
+            modifier.set_layer_sparsities(_owl_profile(modifier, blocks, hidden, calls, probe_store or store, device))
 
     def plan(i, name, block) -> list[Task]:
         return module_tasks(block, name, i, modifiers)
@@ -253,8 +258,7 @@ def _stream_stage(
 ) -> None:
     source = StreamedModel(source_dir, trust_remote_code=trust_remote_code)
     model = source.model
-    sequential = next((m.sequential_targets for m in modifiers if getattr(m, "sequential_targets", None)), None)
-    block_names = [name for name, _ in find_blocks(model, sequential)]
+    block_names = [name for name, _ in stage_blocks(model, modifiers)]
     outside = [n for n in source.keys if not any(n.startswith(b + ".") for b in block_names)]
     writer = ShardWriter(target_dir, num_shards=len(block_names) + 1)
     source.load(outside, "cpu")  # embeddings, final norm, head: needed to capture the first block's inputs
@@ -332,7 +336,7 @@ def compress_checkpoint(
             if source_dir.parent == out.tmp and source_dir.name.startswith(".stage-"):
                 shutil.rmtree(source_dir)
             if not last:
-                _finish_directory(model_dir, target, trust_remote_code, extra_config={})
+                _finish_directory(model_dir, target, extra_config={})
             source_dir = target
             parts.append(part)
         report = merge_reports(parts)
@@ -345,8 +349,7 @@ def compress_checkpoint(
             },
             pipeline=pipeline, device=str(device),
         )
-        _finish_directory(model_dir, out.tmp, trust_remote_code,
-                          extra_config={"sparsity_config": sparsity_config(report, recipe.modifiers())})
+        _finish_directory(model_dir, out.tmp, {"sparsity_config": sparsity_config(report, recipe.modifiers())})
         (out.tmp / "recipe.yaml").write_text(recipe.to_yaml())
         if evals:
             progress({"stage": "evaluating", "fraction": 1.0})
@@ -380,7 +383,7 @@ def _safetensors_source(model_dir: Path, workdir: Path, allow_pickle: bool, trus
     return converted
 
 
-def _finish_directory(model_dir: Path, target: Path, trust_remote_code: bool, extra_config: dict) -> None:
+def _finish_directory(model_dir: Path, target: Path, extra_config: dict) -> None:
     import json
 
     config = json.loads((model_dir / "config.json").read_text())
