@@ -51,9 +51,9 @@ def sparsegpt_matmul_flops(cfg: dict, num_samples: int, seq_len: int, forwards_p
     solve: identical on both sides: Cholesky, inverse, Cholesky (~4/3 in^3) plus the OBS updates,
         out*in^2 for the lazy block updates and out*block*in inside the blocks.
     Embeddings and lm_head are left out (llm-compressor moves lm_head to meta during calibration).
-    ours: the engine's two savings beyond sharing: its two-pass calibration forward stops at down_proj's input
-        (skipping that matmul), and Hessians of inputs >= 512 wide are computed as an upper block-triangle of
-        4 row blocks (10/16 of the full product).
+    ours: the engine's savings beyond sharing: its two-pass calibration forward stops at down_proj's input
+        (skipping that matmul) and it does not propagate through the last block; Hessians of inputs >= 512 wide
+        are computed as an upper block-triangle of 4 row blocks (10/16 of the full product).
     """
     h, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
@@ -67,11 +67,11 @@ def sparsegpt_matmul_flops(cfg: dict, num_samples: int, seq_len: int, forwards_p
     triangle = (lambda i: 10 / 16 if i >= 512 else 1.0) if ours else (lambda i: 1.0)
     hessian = sum(2 * n * i * i * triangle(i) for i in hessian_inputs)
     solve = sum(4 * i**3 / 3 + o * i * i + o * block_size * i for o, i in linears.values())
-    forwards = forward * forwards_per_layer
-    if ours and forwards_per_layer == 2:
-        forwards -= 2 * n * h * f  # the calibration pass stops before down_proj
-    per_layer = {"forward": forwards, "hessian": hessian, "solve": solve}
+    per_layer = {"forward": forward * forwards_per_layer, "hessian": hessian, "solve": solve}
     out = {k: layers * v for k, v in per_layer.items()}
+    if ours and forwards_per_layer == 2:
+        # Each calibration pass stops before down_proj, and the last block's output is never propagated.
+        out["forward"] -= layers * 2 * n * h * f + forward
     out["total"] = sum(out.values())
     return out
 
