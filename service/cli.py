@@ -87,21 +87,26 @@ def _compress(args) -> int:
 
 
 def _eval(args) -> int:
+    from service.model_source import CheckpointError, SafetensorsCheckpoint, resolve_model_dir
     from service.oneshot import execution_device, load_dense
-    from service.model_source import resolve_model_dir
-    from service.perplexity import perplexity_of_text
-    from service.text_data import load_tokenizer
+    from service.perplexity import perplexity, perplexity_streamed
+    from service.text_data import load_tokenizer, read_texts, tokenize
 
     device = execution_device(args.device)
     model_dir = resolve_model_dir(args.model, allow_pickle=args.allow_pickle)
-    if not list(model_dir.glob("*.safetensors")) and not args.allow_pickle:
-        from service.model_source import SafetensorsCheckpoint
-
-        SafetensorsCheckpoint(model_dir)  # raises the pickle refusal with its explanation
-    model = load_dense(model_dir, device, args.trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=args.trust_remote_code)
-    result = perplexity_of_text(model, tokenizer, args.dataset, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                batch_size=args.batch_size, device=device)
+    ids = tokenize(tokenizer, read_texts(args.dataset), max_tokens=args.max_tokens)
+    try:
+        SafetensorsCheckpoint(model_dir)
+    except CheckpointError:
+        if not args.allow_pickle:
+            raise
+        # Pickle weights cannot be read lazily: load the whole model (only because --allow-pickle was given).
+        model = load_dense(model_dir, device, args.trust_remote_code)
+        result = perplexity(model, ids, seq_len=args.seq_len, batch_size=args.batch_size, device=device)
+    else:
+        result = perplexity_streamed(model_dir, ids, seq_len=args.seq_len, batch_size=args.batch_size, device=device,
+                                     trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps({"model": str(args.model), "dataset": str(args.dataset), "seq_len": args.seq_len,
                           "ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "windows": result.windows}))

@@ -402,17 +402,17 @@ def load_dense(model_dir: Path, device: torch.device, trust_remote_code: bool = 
 
 def evaluate_pair(before_dir: Path, after_dir: Path, tokenizer, evals: Sequence[EvalSet], seq_len: int,
                   device: torch.device, trust_remote_code: bool = False) -> dict:
-    """Perplexity of the dense and the compressed model on each evaluation text."""
-    from service.perplexity import perplexity
+    """Perplexity of the dense and the compressed model on each evaluation text, each streamed block by block
+    (evaluation needs no more memory than compression)."""
+    from service.perplexity import perplexity_streamed
     from service.text_data import read_texts, tokenize
 
-    token_sets = {e.name: tokenize(tokenizer, read_texts(e.source), max_tokens=e.max_tokens) for e in evals}
-    results: dict[str, dict] = {e.name: {"source": str(e.source), "tokens": int(len(token_sets[e.name]))} for e in evals}
-    for label, directory in (("before", before_dir), ("after", after_dir)):
-        model = load_dense(directory, device, trust_remote_code)
-        for name, ids in token_sets.items():
-            results[name][label] = perplexity(model, ids, seq_len=seq_len, device=device).ppl
-        del model
-    for entry in results.values():
+    results: dict[str, dict] = {}
+    for e in evals:
+        ids = tokenize(tokenizer, read_texts(e.source), max_tokens=e.max_tokens)
+        entry = results[e.name] = {"source": str(e.source), "tokens": int(len(ids))}
+        for label, directory in (("before", before_dir), ("after", after_dir)):
+            entry[label] = perplexity_streamed(directory, ids, seq_len=seq_len, device=device,
+                                               trust_remote_code=trust_remote_code).ppl
         entry["ratio"] = entry["after"] / entry["before"]
     return results

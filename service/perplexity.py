@@ -34,6 +34,47 @@ class PerplexityResult:
     windows: int  # windows scored, the final partial one included
 
 
+def _check(token_ids: torch.Tensor, seq_len: int, batch_size: int) -> None:
+    if token_ids.dim() != 1:
+        raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(token_ids) < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
+
+
+def _window_batches(token_ids: torch.Tensor, seq_len: int, batch_size: int) -> list[torch.Tensor]:
+    """Full windows in batches of batch_size; the partial last one alone, so no padding or attention mask."""
+    num_full = len(token_ids) // seq_len
+    full = token_ids[: num_full * seq_len].view(num_full, seq_len)
+    tail = token_ids[num_full * seq_len :]
+    batches = [full[i : i + batch_size] for i in range(0, num_full, batch_size)]
+    if len(tail) >= 2:
+        batches.append(tail[None])
+    return batches
+
+
+class _Tally:
+    """Summed NLL (fp64) and predicted-token count over scored windows."""
+
+    def __init__(self):
+        self.nll = 0.0
+        self.tokens = 0
+        self.windows = 0
+
+    def add(self, logits: torch.Tensor, batch: torch.Tensor) -> None:
+        for row_logits, row in zip(logits, batch):  # upcast one window at a time: bounded fp32 memory
+            self.nll += F.cross_entropy(row_logits[:-1].float(), row[1:], reduction="sum").double().item()
+            self.tokens += len(row) - 1
+            self.windows += 1
+
+    def result(self) -> PerplexityResult:
+        nll = self.nll / self.tokens
+        return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=self.tokens, windows=self.windows)
+
+
 def perplexity(
     model,
     token_ids: torch.Tensor,
@@ -50,44 +91,69 @@ def perplexity(
     fp32 for the loss one window at a time, and the loss is summed in fp64, so batch_size does not change the
     result beyond the model's own batch-dependent rounding.
     """
-    if token_ids.dim() != 1:
-        raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if len(token_ids) < 2:
-        raise ValueError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
+    _check(token_ids, seq_len, batch_size)
     if device is None:
         device = next(model.parameters()).device
-
-    num_full = len(token_ids) // seq_len
-    full = token_ids[: num_full * seq_len].view(num_full, seq_len)
-    tail = token_ids[num_full * seq_len :]
-    # Full windows go in batches; the partial one alone, so no padding or attention mask is needed.
-    batches = [full[i : i + batch_size] for i in range(0, num_full, batch_size)]
-    if len(tail) >= 2:
-        batches.append(tail[None])
-
-    total_nll = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no host sync per window
-    total_tokens = 0
+    tally = _Tally()
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in batches:
-                batch = batch.to(device=device, dtype=torch.long)
-                logits = model(batch, use_cache=False).logits
-                for row_logits, row in zip(logits, batch):
-                    loss = F.cross_entropy(row_logits[:-1].float(), row[1:], reduction="sum")
-                    total_nll += loss.double()
-                    total_tokens += len(row) - 1
+            for batch in _window_batches(token_ids, seq_len, batch_size):
+                batch = batch.to(device)
+                tally.add(model(batch, use_cache=False).logits, batch)
     finally:
         model.train(was_training)
+    return tally.result()
 
-    nll = total_nll.item() / total_tokens
-    windows = num_full + (1 if len(tail) >= 2 else 0)
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=total_tokens, windows=windows)
+
+def perplexity_streamed(
+    model_dir: str | Path,
+    token_ids: torch.Tensor,
+    *,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+) -> PerplexityResult:
+    """The same perplexity for a checkpoint directory, streamed block by block as compression is: only one
+    block's weights (plus embeddings and head) are in memory, and the windows' hidden states travel from block
+    to block. Equal to ``perplexity`` on the loaded model up to float rounding.
+    """
+    from service.model_source import StreamedModel
+    from service.pipeline import capture, find_blocks, run_block
+
+    _check(token_ids, seq_len, batch_size)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    source = StreamedModel(model_dir, trust_remote_code=trust_remote_code)
+    model = source.model
+    blocks = find_blocks(model)
+    names = [name for name, _ in blocks]
+    outside = [n for n in source.keys if not any(n.startswith(b + ".") for b in names)]
+    batches = _window_batches(token_ids, seq_len, batch_size)
+    source.load(outside, device)
+    with torch.inference_mode():
+        hidden, calls = capture(model, blocks, [{"input_ids": b} for b in batches], device)
+        for i, (name, block) in enumerate(blocks):
+            params = source.parameter_names(name)
+            source.load(params, device)
+            hidden = run_block(block, hidden, calls[i], []).outputs
+            source.release(params)
+        # The head: the model's own forward with every block passing its input through, except the last, which
+        # hands over the streamed result for this batch; so norms, heads and scalings stay the model's own.
+        final = iter(hidden)
+        for _, block in blocks[:-1]:
+            block.forward = lambda *args, **kwargs: args[0] if args else kwargs["hidden_states"]
+        blocks[-1][1].forward = lambda *args, **kwargs: next(final)
+        tally = _Tally()
+        try:
+            for batch in batches:
+                batch = batch.to(device)
+                tally.add(model(input_ids=batch, use_cache=False).logits, batch)
+        finally:
+            for _, block in blocks:
+                del block.forward
+    return tally.result()
 
 
 def perplexity_of_text(

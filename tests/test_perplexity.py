@@ -128,3 +128,27 @@ def test_batch_size_does_not_change_the_result_real_model(stories260k):
     assert isinstance(one, PerplexityResult)
     assert (one.windows, one.tokens) == (four.windows, four.tokens) == (6, 5 * 511 + 99)
     assert four.nll == pytest.approx(one.nll, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_streamed_perplexity_equals_the_loaded_model(tmp_path, arch):
+    """Streaming the checkpoint block by block gives the loaded model's perplexity (full and partial windows)."""
+    from transformers import AutoModelForCausalLM
+
+    from service.perplexity import perplexity_streamed
+    from tests.tiny_models import write_model
+
+    src = write_model(arch, tmp_path / "m")
+    ids = torch.randint(0, 512, (700,), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    expected = perplexity(model, ids, seq_len=128, batch_size=2)
+    streamed = perplexity_streamed(src, ids, seq_len=128, batch_size=2, device="cpu")
+    assert streamed.tokens == expected.tokens and streamed.windows == expected.windows == 6
+    assert streamed.nll == pytest.approx(expected.nll, rel=1e-6)
+
+
+def test_streamed_perplexity_reproduces_the_reference():
+    from service.perplexity import perplexity_streamed
+
+    ids = tokenize(load_tokenizer(MODEL_DIR), read_texts(STORIES))
+    assert perplexity_streamed(MODEL_DIR, ids, device="cpu").ppl == pytest.approx(5.534, abs=5e-4)
