@@ -267,11 +267,12 @@ def _compress(task: Task, stats: BlockStatistics) -> dict:
         report["samples"] = statistic.num_samples if hasattr(statistic, "num_samples") else statistic.num_tokens
         if task.offload:
             statistic.to("cpu")
-    report["memory_mb"] = _memory_mb(stats.device)
+    report["memory_mb"] = memory_mb(stats.device)
     return report
 
 
-def _memory_mb(device: torch.device) -> float:
+def memory_mb(device: torch.device) -> float:
+    """Peak allocated device memory on CUDA, else the process's resident memory, in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:

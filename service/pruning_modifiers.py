@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import warnings
 from typing import Any, ClassVar
 
@@ -23,6 +24,7 @@ from service.lifecycle import Event, State
 from service.magnitude import magnitude_prune
 from service.masks import parse_mask_structure
 from service.modifier import Modifier
+from service.pipeline import find_blocks, memory_mb
 from service.recipe import register_modifier
 from service.sparsegpt import sparsegpt_prune
 from service.targets import as_patterns, compressible_modules, set_weight_matrix, weight_matrix
@@ -227,8 +229,6 @@ class SparsityModifierBase(Modifier):
     # --- llm-compressor's event lifecycle --------------------------------------------------------------------
 
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
-        from service.pipeline import find_blocks  # the pipeline imports modifiers' protocol, not the reverse
-
         blocks = find_blocks(state.model, kwargs.get("sequential_targets") or self.sequential_targets)
         self.check_layers([name for name, _ in blocks])
         if self.sparsity_profile == "owl" and self._layer_sparsities is None:
@@ -271,8 +271,13 @@ class SparsityModifierBase(Modifier):
             statistic = self._statistics.pop(module, None)
             if statistic is not None:
                 statistic.to(module.weight.device)
+            start = time.perf_counter()
             report = self.compress_module(name, module, statistic, self.layer_sparsity(index, block_name))
-            log.info("%s: %s", name, {k: v for k, v in report.items() if k in ("sparsity", "loss")})
+            report["seconds"] = time.perf_counter() - start
+            report["samples"] = getattr(statistic, "num_samples", getattr(statistic, "num_tokens", 0))
+            report["memory_mb"] = memory_mb(module.weight.device)
+            log.info("%s: %s samples, loss %s, %.2f s, %.0f MB, sparsity %.3f", name, report["samples"],
+                     report.get("loss", "-"), report["seconds"], report["memory_mb"], report["sparsity"])
 
     def on_update(self, state: State, event: Event, **kwargs: Any) -> None:
         self.compress_modules()  # SEQUENTIAL_EPOCH_END: one block's calibration is complete
