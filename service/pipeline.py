@@ -109,8 +109,8 @@ def to_device(obj: Any, device: torch.device, memo: dict[int, Any] | None = None
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         if id(obj) not in memo:
-            memo[id(obj)] = obj.to(device)
-        return memo[id(obj)]
+            memo[id(obj)] = (obj, obj.to(device))  # holding obj keeps its id from being reused by another tensor
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
         return tuple(to_device(o, device, memo) for o in obj)
     if isinstance(obj, list):
