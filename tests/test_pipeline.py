@@ -211,3 +211,18 @@ def test_a_module_claimed_twice_is_an_error():
     with pytest.raises(Exception, match="targeted by both"):
         oneshot(make_model("llama"), [pm.SparseGPTModifier(sparsity=0.5), pm.WandaPruningModifier(sparsity=0.5)],
                 batches=batches_for(), device="cpu")
+
+
+def test_sequential_targets_and_offloaded_hessians_give_the_same_result():
+    batches = batches_for(seed=4)
+    expected, named, offloaded = make_model("llama"), make_model("llama"), make_model("llama")
+    oneshot(expected, [pm.SparseGPTModifier(sparsity=0.5)], batches=batches, device="cpu")
+    oneshot(named, [pm.SparseGPTModifier(sparsity=0.5, sequential_targets=["LlamaDecoderLayer"])], batches=batches,
+            device="cpu")
+    oneshot(offloaded, [pm.SparseGPTModifier(sparsity=0.5, offload_hessians=True)], batches=batches, device="cpu")
+    for (name, p), (_, q), (_, r) in zip(expected.named_parameters(), named.named_parameters(),
+                                         offloaded.named_parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r), name
+    with pytest.raises(Exception, match="match no module"):
+        oneshot(make_model("llama"), [pm.SparseGPTModifier(sparsity=0.5, sequential_targets=["NoSuchLayer"])],
+                batches=batches, device="cpu")
