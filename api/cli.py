@@ -1,0 +1,226 @@
+"""The `llmpress` command line: the engine's commands (compress, eval, demo) plus the service's.
+
+    llmpress serve [--host 127.0.0.1] [--port 8000]      the API with local Ray, SQLite and ./artifacts by default
+    llmpress submit --server URL --model M --recipe FILE --output OUT [--dataset D] [--eval E --max-ppl-ratio R]
+                    [--wait]                              prints the job id; --wait follows it
+    llmpress jobs list|get|cancel                         the jobs of your key
+    llmpress keys create --name NAME [--admin]            prints the new key's secret, once
+
+Exit codes of submit --wait: 0 the job succeeded (and passed its quality gate), 1 it failed, failed its gate or was
+cancelled, 2 bad usage or an error from the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from service import cli as service_cli
+
+SERVICE_COMMANDS = ("compress", "eval", "demo")
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=os.environ.get("LLMPRESS_SERVER", DEFAULT_SERVER),
+                        help=f"API base URL (default: LLMPRESS_SERVER or {DEFAULT_SERVER})")
+    parser.add_argument("--api-key", default=None, help="API key (default: LLMPRESS_API_KEY)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = service_cli.build_parser()
+    parser.description = __doc__.split("\n")[0]
+    sub = _subparsers(parser)
+
+    s = sub.add_parser("serve", help="run the job API (local Ray, SQLite and ./artifacts unless configured)")
+    s.add_argument("--host", default=None, help="interface to listen on (default: LLMPRESS_HOST or 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="TCP port (default: LLMPRESS_PORT or 8000)")
+
+    j = sub.add_parser("submit", help="submit a compression job to a server; prints its id")
+    _add_connection(j)
+    j.add_argument("--model", required=True, help="s3://bucket/prefix, a folder under the server's artifacts "
+                                                  "folder, or a Hub id")
+    j.add_argument("--recipe", required=True, help="recipe file (YAML in llm-compressor's format, or JSON)")
+    j.add_argument("--dataset", help="calibration text (s3://bucket/key or a path the server can read)")
+    j.add_argument("--num-samples", type=int, default=None)
+    j.add_argument("--seq-len", type=int, default=None)
+    j.add_argument("--seed", type=int, default=None)
+    j.add_argument("--output", required=True, help="s3://bucket/prefix/ or a folder under the server's artifacts")
+    j.add_argument("--eval", help="evaluation text for the quality gate")
+    j.add_argument("--max-ppl-ratio", type=float, help="fail the job when compressed/dense perplexity exceeds this")
+    j.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label the job (repeatable)")
+    j.add_argument("--webhook-url", help="POST the job here on every terminal state")
+    j.add_argument("--webhook-secret", default=None,
+                   help="HMAC key for the webhook signature (default: LLMPRESS_WEBHOOK_SECRET)")
+    j.add_argument("--idempotency-key", help="makes a retried submit return the same job")
+    j.add_argument("--wait", action="store_true", help="follow the job; exit 0 only if it succeeded")
+    j.add_argument("--poll", type=float, default=1.0, help="seconds between status checks with --wait")
+
+    jobs = sub.add_parser("jobs", help="list, show or cancel jobs").add_subparsers(dest="jobs_command",
+                                                                                  required=True)
+    jl = jobs.add_parser("list", help="your jobs, newest first")
+    _add_connection(jl)
+    jl.add_argument("--status", action="append", help="only this status (repeatable)")
+    jl.add_argument("--label", action="append", metavar="KEY=VALUE", help="only with this label (repeatable)")
+    jl.add_argument("--limit", type=int, default=50)
+    jl.add_argument("--cursor", help="next_cursor of a previous page")
+    jl.add_argument("--json", action="store_true", help="print the page as JSON")
+    for name, what in (("get", "print a job as JSON"), ("cancel", "cancel a job")):
+        p = jobs.add_parser(name, help=what)
+        _add_connection(p)
+        p.add_argument("job_id")
+
+    keys = sub.add_parser("keys", help="manage API keys in the job store").add_subparsers(dest="keys_command",
+                                                                                        required=True)
+    kc = keys.add_parser("create", help="create a key; its secret is printed once and stored only hashed")
+    kc.add_argument("--name", required=True, help="the key's name: the tenant that owns its jobs")
+    kc.add_argument("--admin", action="store_true", help="the key sees and cancels every tenant's jobs")
+    keys.add_parser("list", help="the keys' names (never their secrets)")
+    return parser
+
+
+def _client(args):
+    from api.client import Client
+
+    key = args.api_key or os.environ.get("LLMPRESS_API_KEY")
+    if not key:
+        raise SystemExit(f"llmpress {args.command}: error: no API key: pass --api-key or set LLMPRESS_API_KEY")
+    return Client(args.server, key)
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from api.app import build_app
+    from service.settings import get_settings
+
+    settings = get_settings()
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings.model_copy(update=updates)
+    Path(settings.artifacts_root).mkdir(parents=True, exist_ok=True)
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def _read_recipe(path: str) -> str | list:
+    text = Path(path).read_text()
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, list) else text  # a JSON object is also valid YAML text
+
+
+def _progress_line(job) -> str:
+    p = job.progress
+    where = f" {p.stage}" if p.stage else ""
+    if p.layer is not None and p.layers:
+        where += f" layer {p.layer}/{p.layers}"
+    if p.fraction is not None:
+        where += f" ({p.fraction:.0%})"
+    return f"{job.id} {job.status}{where}"
+
+
+def _submit(args) -> int:
+    client = _client(args)
+    dataset = None
+    if args.dataset:
+        dataset = {"source": args.dataset}
+        for name in ("num_samples", "seq_len", "seed"):
+            if getattr(args, name) is not None:
+                dataset[name] = getattr(args, name)
+    gate = None
+    if args.eval or args.max_ppl_ratio is not None:
+        if not (args.eval and args.max_ppl_ratio is not None):
+            raise SystemExit("llmpress submit: error: --eval and --max-ppl-ratio go together")
+        gate = {"source": args.eval, "max_ppl_ratio": args.max_ppl_ratio}
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"llmpress submit: error: --label {item!r} is not KEY=VALUE")
+        labels[key] = value
+    webhook = None
+    if args.webhook_url:
+        secret = args.webhook_secret or os.environ.get("LLMPRESS_WEBHOOK_SECRET")
+        if not secret:
+            raise SystemExit("llmpress submit: error: --webhook-url needs --webhook-secret or LLMPRESS_WEBHOOK_SECRET")
+        webhook = {"url": args.webhook_url, "secret": secret}
+    job = client.submit(model=args.model, recipe=_read_recipe(args.recipe), output=args.output, dataset=dataset,
+                        eval=gate, labels=labels or None, webhook=webhook, idempotency_key=args.idempotency_key)
+    print(job.id, flush=True)
+    if not args.wait:
+        return 0
+    job = client.wait(job.id, on_progress=lambda j: print(_progress_line(j), file=sys.stderr, flush=True),
+                      poll=args.poll)
+    gate_report = (job.report or {}).get("quality_gate")
+    if job.status == "succeeded" and (gate_report is None or gate_report.get("passed")):
+        if job.artifacts is not None:
+            print(f"{job.id} succeeded: {job.artifacts.uri}", file=sys.stderr)
+        return 0
+    print(f"{job.id} {job.status}: {job.error or 'quality gate not passed'}", file=sys.stderr)
+    return 1
+
+
+def _jobs(args) -> int:
+    client = _client(args)
+    if args.jobs_command == "list":
+        page = client.list(status=args.status, label=args.label, limit=args.limit, cursor=args.cursor)
+        if args.json:
+            print(page.model_dump_json(indent=2))
+            return 0
+        for job in page.items:
+            print(f"{job.id}  {job.status:<10} {job.created_at:%Y-%m-%d %H:%M:%S}  {job.request.model} -> "
+                  f"{job.request.output}")
+        if page.next_cursor:
+            print(f"more: --cursor {page.next_cursor}", file=sys.stderr)
+        return 0
+    job = client.get(args.job_id) if args.jobs_command == "get" else client.cancel(args.job_id)
+    print(job.model_dump_json(indent=2))
+    return 0
+
+
+def _keys(args) -> int:
+    from service.api_keys import create_key, list_keys
+    from service.job_store import JobStore
+    from service.settings import get_settings
+
+    settings = get_settings()
+    store = JobStore(settings.database_url)
+    try:
+        if args.keys_command == "create":
+            print(create_key(store, args.name, admin=args.admin))
+            print(f"key {args.name!r} created{' (admin)' if args.admin else ''}; the secret above is shown only "
+                  "this once", file=sys.stderr)
+        else:
+            for key in list_keys(store, settings):
+                print(f"{key.name}  {'admin' if key.admin else 'user '}  {key.source}")
+    finally:
+        store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command in SERVICE_COMMANDS:
+        return service_cli.main(argv)
+    from api.client import ApiError
+
+    handlers = {"serve": _serve, "submit": _submit, "jobs": _jobs, "keys": _keys}
+    try:
+        return handlers[args.command](args)
+    except (ApiError, OSError, ValueError) as exc:
+        print(f"llmpress {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The HTTP contract: request and response bodies of the job API, with the examples the OpenAPI document shows.
+
+These models say what a caller may send and will get back; the checks that need the engine (the recipe parses, a
+location is inside the artifacts folder, ranges) are ``service.job_runner.validate_request``'s, and the API turns
+its ValueError into a 422 naming the field. Responses are built from the stored job with the webhook secret
+removed (``service.job_runner.webhook_payload``) and then pass through these models, so a field that is not
+declared here never reaches a caller.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.job_runner import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, MAX_NUM_SAMPLES, MAX_SEQ_LEN
+
+JobStatus = Literal["queued", "running", "uploading", "succeeded", "failed", "cancelled"]
+
+RECIPE_YAML_EXAMPLE = """\
+sparsity_stage:
+  sparsity_modifiers:
+    SparseGPTModifier:
+      sparsity: 0.5
+      mask_structure: "2:4"
+      targets: ["Linear"]
+      ignore: ["re:.*lm_head"]
+"""
+
+JOB_CREATE_EXAMPLE = {
+    "model": "s3://models/stories260K",
+    "recipe": RECIPE_YAML_EXAMPLE,
+    "dataset": {"source": "s3://datasets/wikitext-2/valid.txt", "num_samples": 128, "seq_len": 256, "seed": 0},
+    "output": "s3://releases/stories260K-2of4/",
+    "eval": {"source": "s3://datasets/wikitext-2/test.txt", "max_ppl_ratio": 1.5},
+    "labels": {"team": "release", "model": "stories260K"},
+    "webhook": {"url": "https://ci.example.com/hooks/llmpress", "secret": "whsec_change_me"},
+}
+
+_REQUEST_VIEW_EXAMPLE = {**JOB_CREATE_EXAMPLE, "webhook": {"url": "https://ci.example.com/hooks/llmpress"}}
+_REQUEST_VIEW_EXAMPLE.pop("labels")
+
+MANIFEST_EXAMPLE = {
+    "uri": "s3://releases/stories260K-2of4",
+    "key": "manifest.json",
+    "created_at": "2025-01-01T12:03:10+00:00",
+    "total_size": 1123456,
+    "files": [
+        {"key": "model.safetensors", "size": 1049000, "sha256": "9f2c" + "0" * 60},
+        {"key": "config.json", "size": 612, "sha256": "4be1" + "0" * 60},
+    ],
+    "extra": {"job_id": "k3v9x0q2m1ab", "recipe": "SparseGPTModifier(sparsity=0.5, 2:4)"},
+}
+
+JOB_EXAMPLE = {
+    "id": "k3v9x0q2m1ab",
+    "owner": "release-pipeline",
+    "status": "running",
+    "created_at": "2025-01-01T12:00:00+00:00",
+    "started_at": "2025-01-01T12:00:01+00:00",
+    "finished_at": None,
+    "updated_at": "2025-01-01T12:01:30+00:00",
+    "attempt": 1,
+    "cancel_requested": False,
+    "request": _REQUEST_VIEW_EXAMPLE,
+    "labels": {"team": "release", "model": "stories260K"},
+    "progress": {"stage": "compressing", "layer": 3, "layers": 5, "fraction": 0.6},
+    "metrics": {
+        "layers": {"2": {"name": "model.layers.2", "sparsity": 0.5, "seconds": 0.41}},
+        "modules": {"model.layers.2.mlp.down_proj": {"layer": 2, "sparsity": 0.5, "loss": 0.0123, "seconds": 0.08}},
+    },
+    "report": None,
+    "artifacts": None,
+    "error": None,
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Request(BaseModel):
+    # A field the service does not know is refused (a typo must not be silently ignored).
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------------- requests
+
+
+class DatasetSpec(_Request):
+    """Calibration text: samples of ``seq_len`` tokens drawn from ``source``."""
+
+    source: str = Field(description="A .txt or .jsonl (with a 'text' field) file: s3://bucket/key or a local path "
+                                    "under the service's artifacts folder.",
+                        examples=["s3://datasets/wikitext-2/valid.txt"])
+    num_samples: int = Field(DEFAULT_NUM_SAMPLES, description=f"Calibration samples, 1 to {MAX_NUM_SAMPLES}.")
+    seq_len: int = Field(DEFAULT_SEQ_LEN, description=f"Tokens per sample, 2 to {MAX_SEQ_LEN}.")
+    seed: int = Field(0, description="Seed for drawing the samples, >= 0.")
+
+
+class EvalGate(_Request):
+    """The quality gate: perplexity before and after on ``source``; the job fails when after/before exceeds
+    ``max_ppl_ratio``, and nothing is published."""
+
+    source: str = Field(description="Evaluation text: s3://bucket/key or a local path under the artifacts folder.",
+                        examples=["s3://datasets/wikitext-2/test.txt"])
+    max_ppl_ratio: float = Field(description="Largest accepted compressed/dense perplexity ratio, > 0.",
+                                 examples=[1.5])
+    max_tokens: int | None = Field(None, description="Evaluate on at most this many tokens (default: all).")
+
+
+class WebhookSpec(_Request):
+    """Where to POST the job on every terminal state, signed ``X-Llmpress-Signature: sha256=<HMAC-SHA256 of the
+    body keyed with secret>``. The secret is never returned by the API."""
+
+    url: str = Field(description="http:// or https:// URL.", examples=["https://ci.example.com/hooks/llmpress"])
+    secret: str = Field(description="HMAC key, 1 to 1024 characters; write-only.", examples=["whsec_change_me"])
+
+
+class JobCreate(_Request):
+    """A compression job: which model, which recipe, calibrated on what, published where, gated how."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_CREATE_EXAMPLE]})
+
+    model: str = Field(description="The model: s3://bucket/prefix, a local folder under the artifacts folder, or "
+                                   "a Hugging Face Hub id (when the service is online).",
+                       examples=["s3://models/stories260K"])
+    recipe: str | list[dict[str, Any]] = Field(
+        description="The recipe in llm-compressor's format: YAML (or JSON) text, or a list of modifier objects "
+                    'such as [{"SparseGPTModifier": {"sparsity": 0.5, "mask_structure": "2:4"}}].',
+        examples=[RECIPE_YAML_EXAMPLE],
+    )
+    dataset: DatasetSpec | None = Field(None, description="Calibration data; required by recipes that calibrate "
+                                                          "(SparseGPT, Wanda, OWL).")
+    output: str = Field(description="Where the compressed model is published: s3://bucket/prefix/, or a relative "
+                                    "path or file:// URI inside the artifacts folder. Must not hold a published "
+                                    "output already.",
+                        examples=["s3://releases/stories260K-2of4/"])
+    eval: EvalGate | None = Field(None, description="Optional quality gate.")
+    labels: dict[str, str] | None = Field(None, description="Free-form string labels, filterable in GET /v1/jobs "
+                                                            "(at most 64; keys without '=' or ',').",
+                                          examples=[{"team": "release"}])
+    webhook: WebhookSpec | None = Field(None, description="Optional webhook notified on every terminal state.")
+
+
+# -------------------------------------------------------------------------------------------------- responses
+
+
+class Progress(_Model):
+    """Where a running job is: ``layer`` counts blocks from 1 to ``layers``; ``fraction`` goes 0 to 1."""
+
+    stage: str | None = Field(None, examples=["compressing"])
+    layer: int | None = Field(None, examples=[3])
+    layers: int | None = Field(None, examples=[5])
+    fraction: float | None = Field(None, examples=[0.6])
+
+
+class WebhookView(_Model):
+    url: str
+
+
+class EvalView(_Model):
+    source: str
+    max_ppl_ratio: float
+    max_tokens: int | None = None
+
+
+class JobRequestView(_Model):
+    """The request as the service accepted it, defaults filled in, the webhook secret left out."""
+
+    model: str
+    recipe: str | list[dict[str, Any]]
+    dataset: DatasetSpec | None = None
+    output: str
+    eval: EvalView | None = None
+    webhook: WebhookView | None = None
+
+
+class FileEntry(_Model):
+    key: str = Field(description="Path relative to the output location.", examples=["model.safetensors"])
+    size: int = Field(description="Bytes.", examples=[1049000])
+    sha256: str = Field(description="Lower-case hex sha256 of the file's bytes.")
+
+
+class Manifest(_Model):
+    """A published output, as its manifest.json (written last) records it."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [MANIFEST_EXAMPLE]})
+
+    uri: str = Field(description="The output location.")
+    key: str = Field(description="The manifest's own key under it.")
+    created_at: str = ""
+    total_size: int = Field(description="Bytes, all files together.")
+    files: list[FileEntry]
+    extra: dict[str, Any] = Field(default_factory=dict, description="Job id, recipe, totals and perplexities.")
+
+
+class Artifacts(_Model):
+    uri: str = Field(description="The output location.")
+    manifest: Manifest
+
+
+class Job(_Model):
+    """A job as the API shows it. ``status`` moves queued -> running -> uploading -> succeeded, or ends failed or
+    cancelled; those three never change again."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [JOB_EXAMPLE]})
+
+    id: str = Field(description="12 lower-case letters and digits.", examples=["k3v9x0q2m1ab"])
+    owner: str = Field(description="The API key name (tenant) that submitted the job.")
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime
+    attempt: int = Field(1, description="1, plus one each time a lost worker's job was queued again.")
+    cancel_requested: bool = False
+    request: JobRequestView
+    labels: dict[str, str] = Field(default_factory=dict)
+    progress: Progress = Field(default_factory=Progress)
+    metrics: dict[str, Any] = Field(default_factory=dict,
+                                    description="Per-layer ('layers', by block index) and per-module ('modules') "
+                                                "figures: sparsity, loss, seconds.")
+    report: dict[str, Any] | None = Field(None, description="The compression report once the engine finished: "
+                                                            "totals, per-layer figures, perplexities and the "
+                                                            "quality_gate when eval was set.")
+    artifacts: Artifacts | None = Field(None, description="Set when the job succeeded.")
+    error: str | None = Field(None, description="What went wrong, for a person to act on (failed jobs).")
+
+
+class JobList(_Model):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"items": [JOB_EXAMPLE],
+                                                                               "next_cursor": "WyIyMDI1LTAx"}]})
+
+    items: list[Job] = Field(description="Newest first.")
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page; null on the last page.")
+
+
+class Event(_Model):
+    """One entry of a job's event stream: ``status`` changes, ``progress`` (with per-layer metrics), and
+    ``cancel_requested``. Ids increase; poll with ?after=<last id>."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"id": 7, "job_id": "k3v9x0q2m1ab", "created_at": "2025-01-01T12:01:30+00:00", "type": "progress",
+         "data": {"progress": {"stage": "compressing", "layer": 3, "layers": 5, "fraction": 0.6}}},
+    ]})
+
+    id: int
+    job_id: str
+    created_at: datetime
+    type: str = Field(examples=["progress"])
+    data: dict[str, Any]
+
+
+class ArtifactFile(FileEntry):
+    url: str | None = Field(None, description="A presigned GET URL (S3 outputs), valid for `expires_in` seconds.")
+
+
+class ArtifactsResponse(_Model):
+    """A succeeded job's published files, each with its size and sha256, and presigned URLs for S3 outputs."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{
+        "job_id": "k3v9x0q2m1ab", "uri": MANIFEST_EXAMPLE["uri"], "manifest_key": "manifest.json",
+        "manifest_url": "https://releases.s3.amazonaws.com/stories260K-2of4/manifest.json?X-Amz-Signature=...",
+        "created_at": MANIFEST_EXAMPLE["created_at"], "total_size": MANIFEST_EXAMPLE["total_size"],
+        "expires_in": 3600,
+        "files": [{**f, "url": f"https://releases.s3.amazonaws.com/stories260K-2of4/{f['key']}?X-Amz-Signature=..."}
+                  for f in MANIFEST_EXAMPLE["files"]],
+        "extra": MANIFEST_EXAMPLE["extra"],
+    }]})
+
+    job_id: str
+    uri: str
+    manifest_key: str
+    manifest_url: str | None = None
+    created_at: str = ""
+    total_size: int
+    expires_in: int | None = Field(None, description="Seconds the URLs stay valid; null when there are none.")
+    files: list[ArtifactFile]
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Health(_Model):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"status": "ok"}]})
+
+    status: str
+
+
+class Readiness(_Model):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"status": "ready", "checks": {"store": "ok", "workers": "ok"}}]})
+
+    status: Literal["ready", "not ready"]
+    checks: dict[str, str] = Field(description="Each dependency: 'ok' or what is wrong.")
+
+
+class ErrorDetail(_Model):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"detail": "job not found"}]})
+
+    detail: str | list[dict[str, Any]]

@@ -1,0 +1,500 @@
+"""The HTTP job API over loopback: a real uvicorn server in a background thread, a real SQLite job store.
+
+Most tests use ``StandInDispatcher`` (below): it records the ids the API hands it, and for the tests that need a
+job to finish it plays the worker's part through the same job store calls ``service.job_runner`` makes, publishing
+a real manifest with ``service.storage.publish_directory``. ``test_ray_end_to_end`` runs a real stories260K job on
+a real local Ray through ``workers.dispatch.RayDispatcher`` (skipped where Ray is not installed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from api.app import create_app
+from api.client import ApiError, Client
+from service.job_store import JobStore
+from service.settings import Settings
+from service.storage import publish_directory
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+RECIPE_YAML = (REPO / "service" / "recipes" / "sparsegpt_2of4.yaml").read_text()
+KEYS = {"alice": "alice-secret-1", "bob": "bob-secret-2", "ops": "ops-secret-3"}
+WEBHOOK_SECRET = "whsec-TOPSECRET-4242"
+MAX_BODY = 64 * 1024
+
+
+def job_body(output: str | None = None, **overrides) -> dict:
+    body = {
+        "model": "s3://models/stories260K",
+        "recipe": RECIPE_YAML,
+        "dataset": {"source": "s3://data/calib.txt", "num_samples": 8, "seq_len": 64},
+        "output": output or f"s3://out/{uuid.uuid4().hex}/",
+    }
+    body.update(overrides)
+    return body
+
+
+def auth(name: str) -> dict:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+class StandInDispatcher:
+    """The dispatcher interface the API uses (start, submit, cancel, ready, stop), without Ray: it records what it
+    is handed. With ``autorun`` it plays the worker (``fake_worker``) in a thread for each submitted job."""
+
+    def __init__(self, store: JobStore, settings: Settings):
+        self.store, self.settings = store, settings
+        self.submitted: list[str] = []
+        self.cancelled: list[str] = []
+        self.is_ready = True
+        self.autorun = False
+        self.started = self.stopped = 0
+
+    def start(self):
+        self.started += 1
+
+    def stop(self):
+        self.stopped += 1
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def submit(self, job_id: str):
+        self.submitted.append(job_id)
+        if self.autorun:
+            threading.Thread(target=fake_worker, args=(self.store, job_id, self.settings), daemon=True).start()
+
+    def cancel(self, job_id: str):
+        self.cancelled.append(job_id)
+
+
+def fake_worker(store: JobStore, job_id: str, settings: Settings) -> None:
+    """What service.job_runner does to the store for a two-layer job; the gate fails when max_ppl_ratio < 1."""
+    time.sleep(0.2)
+    assert store.transition(job_id, ["queued"], "running", worker_ref="stand-in")
+    for layer in (1, 2):
+        store.set_progress(job_id, {"stage": "compressing", "layer": layer, "layers": 2, "fraction": layer / 2},
+                           {"layers": {str(layer - 1): {"sparsity": 0.5, "seconds": 0.01}}})
+        time.sleep(0.05)
+    request = store.get(job_id).request
+    gate = request.get("eval")
+    ratio = 1.2
+    report = {"totals": {"sparsity": 0.5}, "perplexity": {"eval": {"before": 10.0, "after": 12.0, "ratio": ratio}}}
+    if gate is not None:
+        passed = ratio <= gate["max_ppl_ratio"]
+        report["quality_gate"] = {"max_ppl_ratio": gate["max_ppl_ratio"], "passed": passed}
+        if not passed:
+            store.transition(job_id, ["running"], "failed", report=report,
+                             error=f"quality gate failed: perplexity ratio {ratio} exceeds {gate['max_ppl_ratio']}")
+            return
+    assert store.transition(job_id, ["running"], "uploading", report=report)
+    folder = Path(settings.artifacts_root).parent / "work" / job_id
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(os.urandom(4096))
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    manifest = publish_directory(folder, request["output"], local_root=Path(settings.artifacts_root), confine=True)
+    store.transition(job_id, ["uploading"], "succeeded",
+                     artifacts={"uri": manifest.uri, "manifest": manifest.to_dict()})
+
+
+class Server:
+    """A uvicorn server for ``app`` on a free loopback port, in a background thread."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the API server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    settings = Settings(
+        api_keys=",".join(f"{k}:{v}" for k, v in KEYS.items()), admin_keys="ops",
+        database_url=f"sqlite:///{root / 'jobs.db'}", artifacts_root=str(root / "artifacts"),
+        max_request_bytes=MAX_BODY,
+    )
+    (root / "artifacts").mkdir()
+    store = JobStore(settings.database_url)
+    dispatcher = StandInDispatcher(store, settings)
+    with Server(create_app(settings, store, dispatcher)) as url:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            yield type("Env", (), {"url": url, "http": http, "store": store, "dispatcher": dispatcher,
+                                   "settings": settings, "root": root})
+    store.close()
+
+
+def create(env, who="alice", body=None, **headers):
+    response = env.http.post("/v1/jobs", json=body or job_body(), headers={**auth(who), **headers})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+# ------------------------------------------------------------------------------------------------- jobs
+
+
+def test_create_get_list_cancel_a_queued_job(env):
+    job = create(env, body=job_body(labels={"team": "release"}))
+    assert job["status"] == "queued" and job["owner"] == "alice" and job["labels"] == {"team": "release"}
+    assert job["request"]["dataset"] == {"source": "s3://data/calib.txt", "num_samples": 8, "seq_len": 64,
+                                         "seed": 0}
+    assert job["id"] in env.dispatcher.submitted
+    got = env.http.get(f"/v1/jobs/{job['id']}", headers=auth("alice")).json()
+    assert got["id"] == job["id"] and got["status"] == "queued"
+    listed = env.http.get("/v1/jobs", params={"label": "team=release"}, headers=auth("alice")).json()
+    assert job["id"] in [j["id"] for j in listed["items"]]
+    cancelled = env.http.post(f"/v1/jobs/{job['id']}/cancel", headers=auth("alice"))
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert job["id"] in env.dispatcher.cancelled
+    queued = env.http.get("/v1/jobs", params={"status": "queued"}, headers=auth("alice")).json()["items"]
+    assert job["id"] not in [j["id"] for j in queued]
+    # A finished job is returned unchanged, and the dispatcher is not bothered again.
+    again = env.http.post(f"/v1/jobs/{job['id']}/cancel", headers=auth("alice")).json()
+    assert again["status"] == "cancelled" and env.dispatcher.cancelled.count(job["id"]) == 1
+
+
+def test_authentication_and_tenants(env):
+    job = create(env, "alice")
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {KEYS['alice']}"}):
+        response = env.http.get(f"/v1/jobs/{job['id']}", headers=headers)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert env.http.post("/v1/jobs", json=job_body(), headers=headers).status_code == 401
+    for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/events"), ("GET", "/artifacts")):
+        response = env.http.request(method, f"/v1/jobs/{job['id']}{path}", headers=auth("bob"))
+        assert response.status_code == 404, (path, response.text)
+        assert response.json() == {"detail": "job not found"}
+    assert env.store.get(job["id"]).status == "queued"  # bob's cancel did nothing
+    bob_job = create(env, "bob")
+    alice_ids = {j["id"] for j in env.http.get("/v1/jobs", headers=auth("alice")).json()["items"]}
+    assert job["id"] in alice_ids and bob_job["id"] not in alice_ids
+    admin_ids = {j["id"] for j in env.http.get("/v1/jobs", params={"limit": 500}, headers=auth("ops")).json()["items"]}
+    assert {job["id"], bob_job["id"]} <= admin_ids
+    assert env.http.get(f"/v1/jobs/{job['id']}", headers=auth("ops")).status_code == 200
+    assert env.http.post(f"/v1/jobs/{bob_job['id']}/cancel", headers=auth("ops")).json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("change, loc", [
+    ({"recipe": "sparsity_stage:\n  sparsity_modifiers: [1"}, ["body", "recipe"]),
+    ({"recipe": [{"NoSuchModifier": {}}]}, ["body", "recipe"]),
+    ({"dataset": {"source": "s3://data/c.txt", "num_samples": 0}}, ["body", "dataset", "num_samples"]),
+    ({"dataset": {"source": "s3://data/c.txt", "seq_len": 10**9}}, ["body", "dataset", "seq_len"]),
+    ({"dataset": {"source": "s3://data/c.txt", "num_samples": "many"}}, ["body", "dataset", "num_samples"]),
+    ({"output": "../escape"}, ["body", "output"]),
+    ({"output": "runs/../../escape"}, ["body", "output"]),
+    ({"eval": {"source": "s3://data/t.txt", "max_ppl_ratio": -1}}, ["body", "eval", "max_ppl_ratio"]),
+    ({"webhook": {"url": "ftp://x", "secret": WEBHOOK_SECRET}}, ["body", "webhook", "url"]),
+    ({"surprise": 1}, ["body", "surprise"]),
+])
+def test_invalid_requests_are_422_naming_the_field(env, change, loc):
+    before = len(env.dispatcher.submitted)
+    response = env.http.post("/v1/jobs", json=job_body(**change), headers=auth("alice"))
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    assert any(e["loc"] == loc for e in errors), errors
+    assert WEBHOOK_SECRET not in response.text
+    assert len(env.dispatcher.submitted) == before
+
+
+def test_oversized_body_is_413(env):
+    big = job_body(labels={"pad": "x" * 200})
+    big["recipe"] = RECIPE_YAML + "#" * MAX_BODY
+    response = env.http.post("/v1/jobs", json=big, headers=auth("alice"))
+    assert response.status_code == 413 and "larger than" in response.json()["detail"]
+    # Chunked, no Content-Length: counted as it arrives.
+    payload = json.dumps(big).encode()
+    chunks = (payload[i:i + 8192] for i in range(0, len(payload), 8192))
+    response = env.http.post("/v1/jobs", content=chunks, headers={**auth("alice"), "Content-Type": "application/json"})
+    assert response.status_code == 413
+    # Just under the limit still goes through (chunked bodies are replayed to the app).
+    small = json.dumps(job_body()).encode()
+    response = env.http.post("/v1/jobs", content=iter([small[:10], small[10:]]),
+                             headers={**auth("alice"), "Content-Type": "application/json"})
+    assert response.status_code == 201, response.text
+
+
+def test_idempotency(env):
+    key = f"release-{uuid.uuid4().hex}"
+    body = job_body()
+    first = env.http.post("/v1/jobs", json=body, headers={**auth("alice"), "Idempotency-Key": key})
+    assert first.status_code == 201
+    again = env.http.post("/v1/jobs", json=body, headers={**auth("alice"), "Idempotency-Key": key})
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert env.dispatcher.submitted.count(first.json()["id"]) == 1
+    other = env.http.post("/v1/jobs", json=job_body(), headers={**auth("alice"), "Idempotency-Key": key})
+    assert other.status_code == 409 and first.json()["id"] in other.json()["detail"]
+    # Keys are per tenant.
+    bobs = env.http.post("/v1/jobs", json=body, headers={**auth("bob"), "Idempotency-Key": key})
+    assert bobs.status_code == 201 and bobs.json()["id"] != first.json()["id"]
+
+
+def test_pagination_newest_first(env):
+    batch = uuid.uuid4().hex
+    ids = [create(env, body=job_body(labels={"batch": batch}))["id"] for _ in range(5)]
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"label": f"batch={batch}", "limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = env.http.get("/v1/jobs", params=params, headers=auth("alice")).json()
+        seen += [j["id"] for j in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3 and seen == ids[::-1]
+    bad = env.http.get("/v1/jobs", params={"cursor": "garbage"}, headers=auth("alice"))
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "cursor"]
+    bad = env.http.get("/v1/jobs", params={"status": "sleeping"}, headers=auth("alice"))
+    assert bad.status_code == 422
+
+
+def test_events_polling_and_sse(env):
+    job = create(env)
+    events = env.http.get(f"/v1/jobs/{job['id']}/events", headers=auth("alice")).json()
+    assert [(e["type"], e["data"]) for e in events] == [("status", {"status": "queued"})]
+
+    def worker():
+        time.sleep(0.3)
+        env.store.transition(job["id"], ["queued"], "running")
+        env.store.set_progress(job["id"], {"stage": "compressing", "layer": 1, "layers": 1, "fraction": 1.0})
+        time.sleep(0.3)
+        env.store.transition(job["id"], ["running"], "failed", error="the model folder has no config.json")
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    streamed = []
+    headers = {**auth("alice"), "Accept": "text/event-stream"}
+    with env.http.stream("GET", f"/v1/jobs/{job['id']}/events", headers=headers, timeout=20) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                streamed.append(json.loads(line[len("data: "):]))
+    thread.join()
+    # The stream followed the job and ended by itself at the terminal state.
+    assert [e["type"] for e in streamed] == ["status", "status", "progress", "status"]
+    assert streamed[-1]["data"] == {"status": "failed", "error": "the model folder has no config.json"}
+    after = env.http.get(f"/v1/jobs/{job['id']}/events", params={"after": streamed[1]["id"]},
+                         headers=auth("alice")).json()
+    assert [e["id"] for e in after] == [e["id"] for e in streamed[2:]]
+    # Resuming with Last-Event-ID after the last event of a finished job: an empty stream that ends.
+    resumed = env.http.get(f"/v1/jobs/{job['id']}/events",
+                           headers={**headers, "Last-Event-ID": str(streamed[-1]["id"])})
+    assert resumed.status_code == 200 and "data:" not in resumed.text
+
+
+def test_health_readiness_and_metrics(env):
+    assert env.http.get("/healthz").json() == {"status": "ok"}
+    ready = env.http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"store": "ok", "workers": "ok"}
+    env.dispatcher.is_ready = False
+    try:
+        not_ready = env.http.get("/readyz")
+        assert not_ready.status_code == 503 and not_ready.json()["checks"]["workers"] == "not ready"
+    finally:
+        env.dispatcher.is_ready = True
+    create(env)
+    text = env.http.get("/metrics").text
+    counts = env.store.counts_by_status()
+    for status, count in counts.items():
+        assert f'llmpress_jobs{{status="{status}"}} {float(count)}' in text
+    assert f"llmpress_queue_depth {float(counts['queued'])}" in text
+    assert "llmpress_layers_compressed_total" in text and "llmpress_job_duration_seconds" in text
+
+
+def test_openapi_documents_every_route_with_examples(env):
+    spec = env.http.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "http", "scheme": "bearer", "description": spec["components"]["securitySchemes"]["ApiKey"]["description"]}
+    routes = {("post", "/v1/jobs"), ("get", "/v1/jobs"), ("get", "/v1/jobs/{job_id}"),
+              ("post", "/v1/jobs/{job_id}/cancel"), ("get", "/v1/jobs/{job_id}/events"),
+              ("get", "/v1/jobs/{job_id}/artifacts"), ("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
+    documented = {(m, p) for p, ops in spec["paths"].items() for m in ops}
+    assert routes <= documented
+    for method, path in routes:
+        op = spec["paths"][path][method]
+        assert op["summary"] and op["description"], path
+        ok = op["responses"]["201" if method == "post" and path == "/v1/jobs" else "200"]
+        assert any("example" in media for media in ok["content"].values()), path
+        assert (op.get("security") == [{"ApiKey": []}]) == path.startswith("/v1"), path
+    schemas = spec["components"]["schemas"]
+    for name in ("JobCreate", "Job", "JobList", "Event", "Manifest", "ArtifactsResponse"):
+        assert schemas[name].get("examples"), name
+
+
+def test_webhook_secret_never_in_a_response(env):
+    body = job_body(webhook={"url": "https://ci.example.com/hook", "secret": WEBHOOK_SECRET})
+    key = uuid.uuid4().hex
+    texts = []
+    response = env.http.post("/v1/jobs", json=body, headers={**auth("alice"), "Idempotency-Key": key})
+    assert response.status_code == 201
+    job_id = response.json()["id"]
+    assert response.json()["request"]["webhook"] == {"url": "https://ci.example.com/hook"}
+    texts.append(response.text)
+    texts.append(env.http.post("/v1/jobs", json=body, headers={**auth("alice"), "Idempotency-Key": key}).text)
+    texts.append(env.http.get(f"/v1/jobs/{job_id}", headers=auth("alice")).text)
+    texts.append(env.http.get(f"/v1/jobs/{job_id}", headers=auth("ops")).text)
+    texts.append(env.http.get("/v1/jobs", params={"limit": 500}, headers=auth("ops")).text)
+    texts.append(env.http.post(f"/v1/jobs/{job_id}/cancel", headers=auth("alice")).text)
+    texts.append(env.http.get(f"/v1/jobs/{job_id}/events", headers=auth("alice")).text)
+    texts.append(env.http.get(f"/v1/jobs/{job_id}/events",
+                              headers={**auth("alice"), "Accept": "text/event-stream"}).text)
+    bad = dict(body, dataset={"source": "s3://data/x", "num_samples": -1})
+    texts.append(env.http.post("/v1/jobs", json=bad, headers=auth("alice")).text)
+    texts.append(env.http.post("/v1/jobs", json={"webhook": WEBHOOK_SECRET}, headers=auth("alice")).text)
+    assert env.store.get(job_id).request["webhook"]["secret"] == WEBHOOK_SECRET  # kept for signing
+    for text in texts:
+        assert WEBHOOK_SECRET not in text
+
+
+# ------------------------------------------------------------------------------ client, CLI, artifacts
+
+
+@pytest.fixture
+def autorun(env):
+    env.dispatcher.autorun = True
+    yield
+    env.dispatcher.autorun = False
+
+
+def test_python_client_and_artifacts(env, autorun):
+    client = Client(env.url, KEYS["alice"])
+    job = client.submit(model="s3://models/stories260K", recipe=RECIPE_YAML, output="client-run",
+                        dataset={"source": "s3://data/calib.txt", "num_samples": 4},
+                        eval={"source": "s3://data/test.txt", "max_ppl_ratio": 1.5}, labels={"via": "client"})
+    assert job.status == "queued"
+    seen = []
+    done = client.wait(job.id, on_progress=seen.append, poll=0.05, timeout=30)
+    assert done.status == "succeeded" and done.report["quality_gate"]["passed"]
+    assert "running" in {j.status for j in seen} and done.metrics["layers"]["1"]["sparsity"] == 0.5
+    assert [j.id for j in client.list(label="via=client").items] == [job.id]
+    assert [e.type for e in client.events(job.id)][:2] == ["status", "status"]
+
+    artifacts = client.artifacts(job.id)
+    folder = Path(env.settings.artifacts_root) / "client-run"
+    assert {f.key for f in artifacts.files} == {"model.safetensors", "config.json"}
+    for entry in artifacts.files:
+        data = (folder / entry.key).read_bytes()
+        assert entry.size == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
+        assert entry.url is None  # presigned URLs only for S3 outputs
+    assert (folder / artifacts.manifest_key).exists()
+    metrics = env.http.get("/metrics").text
+    assert "llmpress_layers_compressed_total 0.0" not in metrics
+    assert 'llmpress_job_duration_seconds_count{status="succeeded"}' in metrics
+
+    with pytest.raises(ApiError) as err:
+        client.submit(model="s3://models/x", recipe=RECIPE_YAML, output="../x", dataset={"source": "s3://data/x"})
+    assert err.value.status == 422 and "output" in str(err.value)
+    env.dispatcher.autorun = False
+    queued = client.submit(model="s3://models/x", recipe=RECIPE_YAML, output="s3://outs/x/", dataset={"source": "s3://data/x"})
+    with pytest.raises(ApiError) as err:
+        client.artifacts(queued.id)
+    assert err.value.status == 409 and "queued" in str(err.value)
+    with pytest.raises(ApiError) as err:
+        Client(env.url, "wrong").get(job.id)
+    assert err.value.status == 401
+
+
+def run_cli(env, *args, key="alice", extra_env=None):
+    environment = {**os.environ, "LLMPRESS_API_KEY": KEYS.get(key, key), "PYTHONPATH": str(REPO),
+                   **(extra_env or {})}
+    return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env=environment, timeout=60)
+
+
+def test_cli_submit_wait_jobs_and_keys(env, autorun, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE_YAML)
+    common = ["submit", "--server", env.url, "--model", "s3://models/stories260K", "--recipe", str(recipe),
+              "--dataset", "s3://data/calib.txt", "--num-samples", "4", "--eval", "s3://data/test.txt"]
+    ok = run_cli(env, *common, "--output", "cli-ok", "--max-ppl-ratio", "1.5", "--wait", "--poll", "0.05")
+    assert ok.returncode == 0, ok.stderr
+    job_id = ok.stdout.strip()
+    assert env.store.get(job_id).status == "succeeded" and "layer 2/2" in ok.stderr
+
+    gated = run_cli(env, *common, "--output", "cli-gated", "--max-ppl-ratio", "1.1", "--wait", "--poll", "0.05")
+    assert gated.returncode == 1 and "quality gate failed" in gated.stderr
+    assert env.store.get(gated.stdout.strip()).status == "failed"
+
+    bad = run_cli(env, *common, "--output", "../out", "--max-ppl-ratio", "1.5")
+    assert bad.returncode == 2 and "output" in bad.stderr and not bad.stdout
+
+    listed = run_cli(env, "jobs", "list", "--server", env.url, "--json")
+    assert listed.returncode == 0 and job_id in {j["id"] for j in json.loads(listed.stdout)["items"]}
+    got = run_cli(env, "jobs", "get", job_id, "--server", env.url)
+    assert json.loads(got.stdout)["status"] == "succeeded"
+    assert run_cli(env, "jobs", "get", job_id, "--server", env.url, key="bob").returncode == 2
+    env.dispatcher.autorun = False
+    queued = run_cli(env, *common, "--output", "cli-cancel", "--max-ppl-ratio", "1.5").stdout.strip()
+    cancelled = run_cli(env, "jobs", "cancel", queued, "--server", env.url)
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+
+    # A key created with the CLI is stored hashed in the job store and accepted by the running server.
+    name = f"carol-{uuid.uuid4().hex[:8]}"
+    created = run_cli(env, "keys", "create", "--name", name,
+                      extra_env={"LLMPRESS_DATABASE_URL": env.settings.database_url})
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert secret.startswith("lp_")
+    assert env.http.get("/v1/jobs", headers={"Authorization": f"Bearer {secret}"}).json()["items"] == []
+    assert env.http.get(f"/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {secret}"}).status_code == 404
+
+
+# ----------------------------------------------------------------------------------- real Ray, end to end
+
+
+def test_ray_end_to_end(tmp_path):
+    pytest.importorskip("ray")
+    from workers.dispatch import RayDispatcher
+
+    settings = Settings(api_keys="alice:alice-secret-1", database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+                        artifacts_root=str(tmp_path / "artifacts"))
+    (tmp_path / "artifacts").mkdir()
+    store = JobStore(settings.database_url)
+    dispatcher = RayDispatcher(store, settings, input_roots=(FIXTURES,))
+    with Server(create_app(settings, store, dispatcher)) as url:
+        client = Client(url, KEYS["alice"])
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        job = client.submit(
+            model=str(FIXTURES / "models" / "stories260K"), recipe=RECIPE_YAML, output="ray-run",
+            dataset={"source": str(FIXTURES / "data" / "wikitext-2" / "valid.txt"), "num_samples": 8,
+                     "seq_len": 64},
+            eval={"source": str(FIXTURES / "data" / "tinystories" / "valid-subset.txt"), "max_ppl_ratio": 50.0,
+                  "max_tokens": 4096},
+        )
+        done = client.wait(job.id, poll=0.2, timeout=240)
+        assert done.status == "succeeded", done.error
+        assert done.report["quality_gate"]["passed"] and done.progress.fraction == 1.0
+        artifacts = client.artifacts(job.id)
+        folder = tmp_path / "artifacts" / "ray-run"
+        for entry in artifacts.files:
+            assert hashlib.sha256((folder / entry.key).read_bytes()).hexdigest() == entry.sha256
+        assert any(f.key.endswith(".safetensors") for f in artifacts.files) and done.metrics["layers"]
+        assert "llmpress_layers_compressed_total 0.0" not in httpx.get(f"{url}/metrics").text
+    store.close()

@@ -1,0 +1,252 @@
+"""Run jobs on Ray: one piece of Ray work per job, placed and queued by Ray's own scheduler.
+
+One job, followed forward::
+
+    api: store.create_job -> dispatcher.submit(job_id)
+      local Ray (no RAY_ADDRESS):  a Ray task      worker_ref "ray-task:<task id>"
+      a Ray cluster (RAY_ADDRESS): a detached actor "llmpress-job-<job id>" in namespace "llmpress" (its worker_ref)
+      each asks for {"num_gpus": 1} when the cluster has GPUs, else {"num_cpus": 1}: with the slots taken, Ray holds
+      the work back until one frees; there is no queue of ours
+    in the worker: JobStore(settings.database_url) -> service.job_runner.run_job -> progress per layer in the store
+
+Exactly once comes from the store: ``run_job`` takes a job with a queued->running compare-and-set, so work that is
+handed a job twice runs it once. Ray retries work whose worker process died (``max_retries``/``max_restarts``); the
+retry finds the job still ``running`` under its own worker_ref and puts it back in the queue before running it.
+
+Cancel is a flag in the store that the worker reads between layers; work that has not started is also taken off
+Ray's queue (``ray.cancel`` / ``ray.kill``) so it frees its place at once.
+
+After an API restart, :meth:`RayDispatcher.recover` submits queued jobs again and looks for the work of running
+ones: a detached actor outlives the API and is re-attached by name; a local Ray dies with the API that started it,
+so its tasks are gone and their jobs are re-queued (attempt + 1). A job lost while ``uploading`` cannot be
+re-queued (the store allows no uploading->queued): it fails with a message saying so, and it never published a
+manifest because that is written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import ray
+from sqlalchemy.engine import make_url
+
+from service.job_runner import run_job
+from service.job_store import ACTIVE, Job, JobStore
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "llmpress"
+ACTOR_PREFIX = "llmpress-job-"  # + job id: the detached actor's name and its worker_ref
+TASK_PREFIX = "ray-task:"  # + Ray task id: the worker_ref of a job run by a task
+# Ray re-runs work whose worker process died (killed, out of memory, node lost) this many times; an error inside
+# the job is not retried: run_job turns it into a failed job.
+MAX_RETRIES = 2
+LOST_DURING_UPLOAD = ("the worker running this job was lost while uploading its output; nothing was published "
+                      "(the manifest is written last); submit the job again")
+# The folder that holds the `service` package: workers put it on their path so they import the same code.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------- in the worker
+
+
+def _take_back(store: JobStore, job: Job) -> bool:
+    """A running or uploading job whose worker is gone: queue it again (True), or end it (False) when a cancel was
+    requested or it was already uploading."""
+    if job.cancel_requested:
+        store.transition(job.id, sorted(ACTIVE), "cancelled")
+        return False
+    if job.status == "running":
+        return store.transition(job.id, ["running"], "queued")
+    store.transition(job.id, ["uploading"], "failed", error=LOST_DURING_UPLOAD)
+    return False
+
+
+def _run(job_id: str, settings: Settings, input_roots: Sequence[Path], worker_ref: str) -> str | None:
+    """Run the job in this worker process; its final status (None: no such job)."""
+    store = JobStore(settings.database_url)
+    try:
+        job = store.get(job_id)
+        if job is not None and job.status in ACTIVE and job.worker_ref == worker_ref:
+            # Ray is retrying this very work after its worker died mid-job: the job is still marked as ours.
+            log.warning("job %s: retrying after its worker was lost (attempt %d)", job_id, job.attempt)
+            _take_back(store, job)
+        job = run_job(store, job_id, settings, worker_ref=worker_ref, input_roots=input_roots)
+        return job.status if job is not None else None
+    finally:
+        store.close()
+
+
+@ray.remote(max_retries=MAX_RETRIES)
+def run_job_task(job_id: str, settings: Settings, input_roots: Sequence[Path]) -> str | None:
+    """A job as a Ray task (local Ray): worker_ref is the task's id, the same for Ray's retries of it."""
+    return _run(job_id, settings, input_roots, TASK_PREFIX + ray.get_runtime_context().get_task_id())
+
+
+@ray.remote(max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
+class JobActor:
+    """A job as a detached named actor (a Ray cluster): it outlives the API, which re-attaches to it by name."""
+
+    def run(self, job_id: str, settings: Settings, input_roots: Sequence[Path]) -> str | None:
+        try:
+            return _run(job_id, settings, input_roots, ACTOR_PREFIX + job_id)
+        finally:
+            ray.actor.exit_actor()  # one job per actor: give its GPU or CPU back (a detached actor never ends alone)
+
+
+# ------------------------------------------------------------------------------------------------- in the API
+
+
+def _portable(settings: Settings) -> Settings:
+    """The settings with relative paths made absolute: workers do not share the API's working directory."""
+    url = make_url(settings.database_url)
+    update = {"artifacts_root": str(Path(settings.artifacts_root).resolve())}
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        if database in ("", ":memory:") or database.startswith("file:"):
+            raise ValueError("database_url: an in-memory SQLite database cannot be shared with Ray workers; "
+                             "use a SQLite file or PostgreSQL")
+        if not os.path.isabs(database):
+            update["database_url"] = url.set(database=os.path.abspath(database)).render_as_string(hide_password=False)
+    return settings.model_copy(update=update)
+
+
+def _resources() -> dict[str, float]:
+    """One GPU per job on a cluster that has GPUs, one CPU otherwise."""
+    return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
+
+
+class RayDispatcher:
+    """Submits jobs to Ray, cancels them, and takes them up again after a restart (see the module docstring).
+
+    Without ``settings.ray_address`` a local Ray is started (or the one this process already joined is used) and
+    jobs run as tasks; with it, the cluster is joined and jobs run as detached named actors.
+    """
+
+    def __init__(self, store: JobStore, settings: Settings, *, input_roots: Sequence[str | Path] = ()):
+        self.store = store
+        self.settings = _portable(settings)
+        self.input_roots = tuple(Path(root).resolve() for root in input_roots)
+        self.detached = bool(settings.ray_address)
+        self._owns_ray = False
+        self._lock = threading.Lock()
+        # job id -> the result of the task running it, for the tasks this dispatcher submitted and that have not
+        # finished: what recover() knows to be alive and what cancel() can take off Ray's queue.
+        self._tasks: dict[str, ray.ObjectRef] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Join Ray (RAY_ADDRESS) or start a local one, then recover the jobs a previous run left behind."""
+        if not ray.is_initialized():
+            path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
+            ray.init(address=self.settings.ray_address or None, namespace=NAMESPACE, include_dashboard=False,
+                     log_to_driver=False, ignore_reinit_error=True,
+                     runtime_env={"env_vars": {"PYTHONPATH": path}})
+            self._owns_ray = True
+        self.recover()
+
+    def stop(self) -> None:
+        """Shut Ray down if start() started or joined it (a local Ray ends its running tasks with it)."""
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+        with self._lock:
+            self._tasks.clear()
+
+    def ready(self) -> bool:
+        """Whether Ray answers (for /readyz)."""
+        if not ray.is_initialized():
+            return False
+        try:
+            ray.cluster_resources()
+        except Exception:  # noqa: BLE001 - any failure to reach the cluster means not ready
+            return False
+        return True
+
+    # --- jobs ----------------------------------------------------------------------------------------------------
+
+    def submit(self, job_id: str) -> None:
+        """Hand the queued job to Ray and return at once; Ray starts it when a GPU (or CPU) is free."""
+        resources = _resources()
+        args = (job_id, self.settings, self.input_roots)
+        if self.detached:
+            name = ACTOR_PREFIX + job_id
+            if self._actor(name) is not None:
+                return  # already handed to Ray (waiting for resources or running)
+            actor = JobActor.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                                     **resources).remote()
+            actor.run.remote(*args)
+            return
+        with self._lock:
+            self._forget_finished()
+            if job_id in self._tasks:
+                return
+            self._tasks[job_id] = run_job_task.options(name=f"llmpress-job-{job_id}", **resources).remote(*args)
+
+    def cancel(self, job_id: str) -> None:
+        """Request the cancel in the store (a running job stops between layers); work that has not started yet
+        is also taken off Ray's queue."""
+        job = self.store.request_cancel(job_id)
+        if job is None or job.started_at is not None or job.status != "cancelled":
+            return  # running: its worker sees the flag; finished: nothing to do
+        if self.detached:
+            actor = self._actor(ACTOR_PREFIX + job_id)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+            return
+        with self._lock:
+            ref = self._tasks.pop(job_id, None)
+        if ref is not None:
+            # Not started, or started after the cancel and returning at once: run_job found the job not queued.
+            ray.cancel(ref, force=False)
+
+    def recover(self) -> None:
+        """Take up what a previous run left: submit queued jobs again; re-attach running jobs whose Ray work is
+        still there, re-queue (and submit) those whose work is gone."""
+        for job in self.store.recoverable():
+            if job.status == "queued":
+                self.submit(job.id)
+            elif self._alive(job):
+                log.info("job %s: re-attached to %s", job.id, job.worker_ref)
+            elif _take_back(self.store, job):
+                log.warning("job %s: its worker %s is gone; queued again (attempt %d)", job.id, job.worker_ref,
+                            job.attempt + 1)
+                self.submit(job.id)
+            else:
+                log.warning("job %s: its worker %s is gone; ended as %s", job.id, job.worker_ref,
+                            self.store.get(job.id).status)
+
+    # --- Ray work ------------------------------------------------------------------------------------------------
+
+    def _alive(self, job: Job) -> bool:
+        """Whether the Ray work named by the job's worker_ref is still there."""
+        ref = job.worker_ref or ""
+        if ref.startswith(ACTOR_PREFIX):
+            return self._actor(ref) is not None
+        if ref.startswith(TASK_PREFIX):
+            with self._lock:
+                self._forget_finished()
+                task = self._tasks.get(job.id)
+            return task is not None and task.task_id().hex() == ref[len(TASK_PREFIX):]
+        return False  # no worker recorded, or one this dispatcher cannot look up
+
+    @staticmethod
+    def _actor(name: str):
+        try:
+            return ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return None
+
+    def _forget_finished(self) -> None:
+        """Drop the tasks that have ended (caller holds the lock)."""
+        if self._tasks:
+            refs = list(self._tasks.values())
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            finished = set(done)
+            self._tasks = {job_id: ref for job_id, ref in self._tasks.items() if ref not in finished}
