@@ -8,9 +8,11 @@ local Ray shared by the module, through ``workers.dispatch.RayDispatcher`` (skip
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -126,7 +128,7 @@ def env(tmp_path_factory):
 def local_ray():
     """One local Ray for the module (Ray is initialised once per process). Every RayDispatcher here finds it
     running, uses it and leaves it up; it is shut down after the module so that other test modules can start
-    their own. One CPU: jobs run one at a time, so a job submitted while another runs stays queued."""
+    their own. One CPU: jobs run one at a time, and ``ray_cpu_taken`` can keep a submitted job queued."""
     ray = pytest.importorskip("ray")
     from workers.dispatch import NAMESPACE, PROJECT_ROOT
 
@@ -158,14 +160,23 @@ def ray_env(local_ray, tmp_path_factory):
     store.close()
 
 
-def wait_until(env, job_id, done, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = env.store.get(job_id)
-        if done(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {env.store.get(job_id).status} after {timeout} s")
+@contextlib.contextmanager
+def ray_cpu_taken():
+    """Take the module Ray's one CPU with an idle actor: a job submitted meanwhile is handed to Ray by the real
+    RayDispatcher and waits, queued, in Ray's own queue until the CPU frees (deterministic, unlike racing a job)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class CpuHolder:
+        def ready(self) -> bool:
+            return True
+
+    holder = CpuHolder.remote()
+    assert ray.get(holder.ready.remote(), timeout=60)
+    try:
+        yield
+    finally:
+        ray.kill(holder)
 
 
 def create(env, who="alice", body=None, **headers):
@@ -395,21 +406,20 @@ def test_webhook_secret_never_in_a_response(env):
 def test_python_client_and_artifacts(ray_env):
     env = ray_env
     client = Client(env.url, KEYS["alice"])
+    with ray_cpu_taken():
+        queued = client.submit(model="s3://models/x", recipe=RECIPE_YAML, output="s3://outs/x/",
+                               dataset={"source": "s3://data/x"})
+        with pytest.raises(ApiError) as err:
+            client.artifacts(queued.id)
+        assert err.value.status == 409 and "queued" in str(err.value)
+        assert client.cancel(queued.id).status == "cancelled"
+    assert client.get(queued.id).status == "cancelled" and client.get(queued.id).started_at is None
+
     job = client.submit(model=str(STORIES), recipe=RECIPE_YAML, output="client-run",
                         dataset={"source": str(CALIB), "num_samples": 8, "seq_len": 64},
                         eval={"source": str(EVAL_TEXT), "max_ppl_ratio": 50.0, "max_tokens": 4096},
                         labels={"via": "client"})
     assert job.status == "queued"
-    # The job takes the module's one Ray CPU: a job submitted while it runs waits, queued, in Ray's queue.
-    wait_until(env, job.id, lambda j: j.status != "queued")
-    queued = client.submit(model="s3://models/x", recipe=RECIPE_YAML, output="s3://outs/x/",
-                           dataset={"source": "s3://data/x"})
-    with pytest.raises(ApiError) as err:
-        client.artifacts(queued.id)
-    assert err.value.status == 409 and "queued" in str(err.value)
-    assert client.cancel(queued.id).status == "cancelled"
-    assert client.get(queued.id).status == "cancelled" and client.get(queued.id).started_at is None
-
     seen = []
     done = client.wait(job.id, on_progress=seen.append, poll=0.05, timeout=120)
     assert done.status == "succeeded", done.error
@@ -452,22 +462,26 @@ def test_cli_submit_wait_jobs_and_keys(ray_env, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE_YAML)
     common = ["submit", "--server", env.url, "--model", str(STORIES), "--recipe", str(recipe),
-              "--dataset", str(CALIB), "--num-samples", "8", "--seq-len", "64", "--eval", str(EVAL_TEXT)]
-    ok = run_cli(env, *common, "--output", "cli-ok", "--max-ppl-ratio", "50", "--wait", "--poll", "0.05")
+              "--dataset", str(CALIB), "--seq-len", "64", "--eval", str(EVAL_TEXT)]
+    # 32 samples make each layer take long enough for --wait's polling to see the compressing stage.
+    ok = run_cli(env, *common, "--num-samples", "32", "--output", "cli-ok", "--max-ppl-ratio", "50", "--wait",
+                 "--poll", "0.05")
     assert ok.returncode == 0, ok.stderr
     job_id = ok.stdout.strip()
-    assert env.store.get(job_id).status == "succeeded" and f"compressing layer 1/{layers}" in ok.stderr, ok.stderr
+    assert env.store.get(job_id).status == "succeeded", ok.stderr
+    assert re.search(rf"{job_id} running compressing layer [1-{layers}]/{layers} \(\d+%\)", ok.stderr), ok.stderr
     progress = [e.data["progress"] for e in env.store.events(job_id) if e.type == "progress"]
     assert [p["layer"] for p in progress if p.get("stage") == "compressing"][-1] == layers  # every layer done
 
     # A real gate: 2:4 sparsity raises stories260K's perplexity by far more than 0.01 %.
-    gated = run_cli(env, *common, "--output", "cli-gated", "--max-ppl-ratio", "1.0001", "--wait", "--poll", "0.05")
+    gated = run_cli(env, *common, "--num-samples", "8", "--output", "cli-gated", "--max-ppl-ratio", "1.0001",
+                    "--wait", "--poll", "0.05")
     assert gated.returncode == 1 and "quality gate failed" in gated.stderr, gated.stderr
     failed = env.store.get(gated.stdout.strip())
     assert failed.status == "failed" and not failed.report["quality_gate"]["passed"]
     assert not (Path(env.settings.artifacts_root) / "cli-gated").exists()
 
-    bad = run_cli(env, *common, "--output", "../out", "--max-ppl-ratio", "1.5")
+    bad = run_cli(env, *common, "--num-samples", "8", "--output", "../out", "--max-ppl-ratio", "1.5")
     assert bad.returncode == 2 and "output" in bad.stderr and not bad.stdout
 
     listed = run_cli(env, "jobs", "list", "--server", env.url, "--json")
@@ -476,16 +490,12 @@ def test_cli_submit_wait_jobs_and_keys(ray_env, tmp_path):
     assert json.loads(got.stdout)["status"] == "succeeded"
     assert run_cli(env, "jobs", "get", job_id, "--server", env.url, key="bob").returncode == 2
 
-    # A long job holds the one Ray CPU, so the job submitted next stays queued until the CLI cancels it.
-    blocker = create(env, body=job_body(model=str(STORIES), output="cli-blocker",
-                                        dataset={"source": str(CALIB), "num_samples": 512, "seq_len": 64}))
-    wait_until(env, blocker["id"], lambda j: j.status != "queued")
-    queued = run_cli(env, *common, "--output", "cli-cancel", "--max-ppl-ratio", "1.5").stdout.strip()
-    cancelled = run_cli(env, "jobs", "cancel", queued, "--server", env.url)
-    assert json.loads(cancelled.stdout)["status"] == "cancelled"
-    assert env.store.get(queued).started_at is None
-    env.http.post(f"/v1/jobs/{blocker['id']}/cancel", headers=auth("alice"))
-    assert wait_until(env, blocker["id"], lambda j: j.terminal).status == "cancelled"
+    with ray_cpu_taken():  # the job waits in Ray's queue until the CLI cancels it
+        queued = run_cli(env, *common, "--num-samples", "8", "--output", "cli-cancel",
+                         "--max-ppl-ratio", "1.5").stdout.strip()
+        cancelled = run_cli(env, "jobs", "cancel", queued, "--server", env.url)
+        assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    assert env.store.get(queued).status == "cancelled" and env.store.get(queued).started_at is None
 
     # A key created with the CLI is stored hashed in the job store and accepted by the running server.
     name = f"carol-{uuid.uuid4().hex[:8]}"
