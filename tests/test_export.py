@@ -8,23 +8,14 @@ import json
 import pytest
 import torch
 
-from service import pruning_modifiers as pm
 from service.export import INDEX_NAME
 from service.model_source import CheckpointError, StreamedModel
 from service.oneshot import compress_checkpoint, oneshot, token_batches
 from service.calibration_data import calibration_tokens
 from service.text_data import load_tokenizer
-from tests.tiny_models import WIKI_VALID, make_model, write_model
+from tests.tiny_models import RECIPE_2OF4, WIKI_VALID, make_model, write_model
 
-RECIPE_24 = """
-sparsity_stage:
-  sparsity_modifiers:
-    SparseGPTModifier:
-      sparsity: 0.5
-      mask_structure: "2:4"
-      targets: ["Linear"]
-      ignore: ["re:.*lm_head"]
-"""
+RECIPE_24 = RECIPE_2OF4
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])

@@ -11,30 +11,21 @@ import threading
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from service import job_runner
 from service.job_runner import run_job, validate_request
 from service.job_store import JobStore
 from service.settings import Settings
 from service.storage import MANIFEST_NAME
+from tests.tiny_models import RECIPE_2OF4
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STORIES = FIXTURES / "models" / "stories260K"
 WIKI_VALID = FIXTURES / "data" / "wikitext-2" / "valid.txt"
 LAYERS = 5  # stories260K's decoder blocks
 
-RECIPE_24 = """
-sparsity_stage:
-  sparsity_modifiers:
-    SparseGPTModifier:
-      sparsity: 0.5
-      mask_structure: "2:4"
-      targets: ["Linear"]
-      ignore: ["re:.*lm_head"]
-"""
+RECIPE_24 = RECIPE_2OF4
 SECRET = "whsec-do-not-leak-7f3a"
 
 
@@ -218,26 +209,6 @@ def test_an_unexpected_error_gets_a_generic_message(env, monkeypatch, caplog):
 
 
 # ---------------------------------------------------------------------------------------------------------- S3
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on a free loopback port, with boto3 pointed at it through the standard AWS variables."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
-        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        yield boto3.client("s3")
-    server.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from service import pruning_modifiers as pm
 from service.hessian import HessianAccumulator
 from service.oneshot import oneshot, token_batches
-from service.pipeline import capture, find_blocks, module_tasks, run_block
+from service.pipeline import capture, find_blocks, module_tasks
 from service.sparsegpt import sparsegpt_prune
 from service.targets import compressible_modules, weight_matrix
 from tests.tiny_models import ARCHITECTURES, make_model

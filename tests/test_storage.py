@@ -9,9 +9,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from service import storage
 from service.storage import (MANIFEST_NAME, LocalStore, S3Store, StorageError, check_key, fetch, open_store,
@@ -42,27 +40,6 @@ def make_tree(root: Path, files: dict[str, bytes] = TREE) -> Path:
 
 def read_tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on a free loopback port, with boto3 pointed at it through the standard AWS variables."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        # Keep the developer's own ~/.aws out of the picture, and no instance-metadata probing.
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
-        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        yield boto3.client("s3")
-    server.stop()
 
 
 @pytest.fixture

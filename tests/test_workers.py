@@ -15,20 +15,13 @@ from service.job_store import JobStore
 from service.settings import Settings
 from service.storage import MANIFEST_NAME
 from workers.dispatch import TASK_PREFIX, RayDispatcher
+from tests.tiny_models import RECIPE_2OF4
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STORIES = FIXTURES / "models" / "stories260K"
 WIKI_VALID = FIXTURES / "data" / "wikitext-2" / "valid.txt"
 
-RECIPE_24 = """
-sparsity_stage:
-  sparsity_modifiers:
-    SparseGPTModifier:
-      sparsity: 0.5
-      mask_structure: "2:4"
-      targets: ["Linear"]
-      ignore: ["re:.*lm_head"]
-"""
+RECIPE_24 = RECIPE_2OF4
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import torch
 FIXTURES = Path(__file__).parent / "fixtures"
 STORIES = FIXTURES / "models" / "stories260K"
 WIKI_VALID = FIXTURES / "data" / "wikitext-2" / "valid.txt"
+# The bundled SparseGPT 2:4 recipe (llm-compressor YAML; targets Linear, ignores lm_head).
+RECIPE_2OF4 = (FIXTURES.parents[1] / "service" / "recipes" / "sparsegpt_2of4.yaml").read_text()
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
