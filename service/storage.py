@@ -310,15 +310,19 @@ class ObjectStore:
         if not plan:
             raise _bad(self.field, f"nothing found at {self.uri(folder)}")
         for key, target in plan:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
-            try:
-                self._download(key, tmp)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            self._download_atomic(key, target)
         log.info("downloaded %d files from %s to %s", len(plan), self.uri(folder), dest)
         return dest
+
+    def _download_atomic(self, key: str, target: Path) -> None:
+        """Download into a temporary sibling and rename, so a failed download never leaves a partial file."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+        try:
+            self._download(key, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _plan_dir(self, local_dir: str | Path, prefix: str) -> list[tuple[Path, str]]:
         local_dir = Path(local_dir)
@@ -769,12 +773,6 @@ def fetch(uri: str | Path, local_dir: str | Path, *, field: str = "model", local
         single = S3Store(where, parent, field=field)
         if single.exists(name):
             target = Path(local_dir).resolve() / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
-            try:
-                single._download(name, tmp)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            single._download_atomic(name, target)
             return target
     raise _bad(field, f"nothing found at {store.uri()}")
