@@ -1,11 +1,29 @@
-"""A real uvicorn server for an app on a free loopback port, in a background thread (API tests)."""
+"""Servers the API tests start themselves: uvicorn on a free loopback port, and a local Ray."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
+import pytest
 import uvicorn
+
+
+@contextlib.contextmanager
+def local_ray():
+    """One local Ray with one CPU, as RayDispatcher would start it; shut down on exit so that other test modules
+    can start their own (Ray is initialised once per process)."""
+    ray = pytest.importorskip("ray")
+    from workers.dispatch import NAMESPACE, worker_runtime_env
+
+    assert not ray.is_initialized()
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE,
+             runtime_env=worker_runtime_env())
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 class Server:

@@ -26,7 +26,7 @@ import torch
 from api.app import create_app
 from service.job_store import JobStore
 from service.settings import Settings
-from tests.api_server import Server
+from tests.api_server import Server, local_ray as local_ray_session
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -59,15 +59,8 @@ def local_ray(s3):
     """One local Ray for the module, started after the ``s3`` fixture so that its workers inherit the moto
     endpoint and credentials (Ray workers take the environment as it is when Ray starts); shut down after the
     module so that other test modules can start their own."""
-    ray = pytest.importorskip("ray")
-    from workers.dispatch import NAMESPACE, PROJECT_ROOT
-
-    assert not ray.is_initialized()
-    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
-    yield
-    ray.shutdown()
+    with local_ray_session():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from api.app import create_app
 from api.client import ApiError, Client
 from service.job_store import JobStore
 from service.settings import Settings
-from tests.api_server import Server
+from tests.api_server import Server, local_ray as local_ray_session
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -105,15 +105,8 @@ def local_ray():
     """One local Ray for the module (Ray is initialised once per process). Every RayDispatcher here finds it
     running, uses it and leaves it up; it is shut down after the module so that other test modules can start
     their own. One CPU: jobs run one at a time, and ``ray_cpu_taken`` can keep a submitted job queued."""
-    ray = pytest.importorskip("ray")
-    from workers.dispatch import NAMESPACE, PROJECT_ROOT
-
-    assert not ray.is_initialized()
-    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
-    yield
-    ray.shutdown()
+    with local_ray_session():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,12 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------------------------------------- in the worker
 
 
+def worker_runtime_env() -> dict:
+    """Ray's runtime_env for our workers: the project on their PYTHONPATH, so they import `service`."""
+    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
 def _take_back(store: JobStore, job: Job) -> bool:
     """A running or uploading job whose worker is gone: queue it again (True), or end it (False) when a cancel was
     requested or it was already uploading."""
@@ -144,10 +150,8 @@ class RayDispatcher:
     def start(self) -> None:
         """Join Ray (RAY_ADDRESS) or start a local one, then recover the jobs a previous run left behind."""
         if not ray.is_initialized():
-            path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
             ray.init(address=self.settings.ray_address or None, namespace=NAMESPACE, include_dashboard=False,
-                     log_to_driver=False, ignore_reinit_error=True,
-                     runtime_env={"env_vars": {"PYTHONPATH": path}})
+                     log_to_driver=False, ignore_reinit_error=True, runtime_env=worker_runtime_env())
             self._owns_ray = True
         self.recover()
 
