@@ -286,7 +286,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _progress_callback(store: JobStore, job_id: str):
+def _progress_callback(store: JobStore, job_id: str, attempt: int):
     """on_progress for compress_checkpoint: record progress and per-layer/per-module metrics, and stop the run
     (between layers) when the job was cancelled or is no longer ours."""
 
@@ -299,7 +299,7 @@ def _progress_callback(store: JobStore, job_id: str):
             delta = {"layers": {str(block.pop("index")): block},
                      "modules": {name: {k: v for k, v in entry.items() if k != "memory_mb"}
                                  for name, entry in event.get("modules", {}).items()}}
-        if not store.set_progress(job_id, _finite(progress), _finite(delta) if delta else None):
+        if not store.set_progress(job_id, _finite(progress), _finite(delta) if delta else None, attempt=attempt):
             raise JobCancelled("the job is no longer running")
         if store.cancel_requested(job_id):
             raise JobCancelled("cancel requested")
@@ -349,7 +349,7 @@ def _execute(store: JobStore, job: Job, settings: Settings, folder: Path, input_
     job_id = job.id
     request = validate_request(job.request, settings)
     artifacts_root = Path(settings.artifacts_root)
-    on_progress = _progress_callback(store, job_id)
+    on_progress = _progress_callback(store, job_id, job.attempt)
     on_progress({"stage": "fetching", "fraction": 0.0})
 
     # Refuse a taken or unreachable output location now, not after the compression.
@@ -395,15 +395,22 @@ def _execute(store: JobStore, job: Job, settings: Settings, folder: Path, input_
 
     if store.cancel_requested(job_id):
         raise JobCancelled("cancel requested")
-    if not store.transition(job_id, ["running"], "uploading", report=report):
+    if not store.transition(job_id, ["running"], "uploading", attempt=job.attempt, report=report):
         raise JobCancelled("the job is no longer running")
     # From here the job runs to the end: publishing cleans up after itself only when it fails.
-    store.set_progress(job_id, {"stage": "uploading", "fraction": 1.0})
+    store.set_progress(job_id, {"stage": "uploading", "fraction": 1.0}, attempt=job.attempt)
     manifest = publish_directory(output_dir, request["output"], extra_manifest=_manifest_extra(job_id, report),
                                  local_root=artifacts_root, confine=True)
     report["output"] = manifest.uri
     artifacts = {"uri": manifest.uri, "manifest": manifest.to_dict()}
-    if not store.transition(job_id, ["uploading"], "succeeded", artifacts=artifacts, report=report):
+    if not store.transition(job_id, ["uploading"], "succeeded", attempt=job.attempt, artifacts=artifacts,
+                            report=report):
+        now = store.get(job_id)
+        if now is not None and now.attempt != job.attempt:
+            # This worker was presumed lost and the job re-queued: the output location belongs to the new attempt.
+            log.warning("job %s was taken over by attempt %d during this upload; leaving its output", job_id,
+                        now.attempt)
+            return False
         # Someone else ended the job while we uploaded: the output must not outlive it.
         log.warning("job %s ended elsewhere during upload; removing its published output", job_id)
         target.delete_keys([MANIFEST_NAME, *(f.key for f in manifest.files)])
@@ -430,13 +437,14 @@ def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path |
     folder.mkdir(parents=True)
     started = time.perf_counter()
     job = store.get(job_id)
+    mine = job.attempt  # the fencing token: every later change is ours only while the job is in this attempt
     ended = None
     try:
         if _execute(store, job, settings, folder, _input_roots(settings, input_roots)):
             ended = "succeeded"
     except JobCancelled as exc:
         log.info("job %s stopped: %s", job_id, exc)
-        if store.transition(job_id, ["running", "uploading"], "cancelled"):
+        if store.transition(job_id, ["running", "uploading"], "cancelled", attempt=mine):
             ended = "cancelled"
     except Exception as exc:
         if isinstance(exc, (ValueError, FileExistsError)):
@@ -446,11 +454,11 @@ def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path |
         fields = {"error": _error_message(exc, job_id)}
         if isinstance(exc, QualityGateFailed):
             fields["report"] = exc.report
-        if store.transition(job_id, ["running", "uploading"], "failed", **fields):
+        if store.transition(job_id, ["running", "uploading"], "failed", attempt=mine, **fields):
             ended = "failed"
     except BaseException:
         if store.cancel_requested(job_id):
-            store.transition(job_id, ["running", "uploading"], "cancelled")
+            store.transition(job_id, ["running", "uploading"], "cancelled", attempt=mine)
         raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -8,7 +8,7 @@ Statuses and the transitions allowed between them::
 
     queued    -> running | cancelled | failed
     running   -> uploading | succeeded | failed | cancelled | queued   (re-queued after a lost worker: attempt + 1)
-    uploading -> succeeded | failed | cancelled
+    uploading -> succeeded | failed | cancelled | queued   (the same; the manifest goes last, so nothing was published)
     succeeded, failed, cancelled: terminal, never change again
 
 Callers get plain :class:`Job` and :class:`Event` dataclasses, copied out of the session before it closes.
@@ -64,7 +64,7 @@ ACTIVE = frozenset({"running", "uploading"})
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled", "failed"}),
     "running": frozenset({"uploading", "succeeded", "failed", "cancelled", "queued"}),
-    "uploading": frozenset({"succeeded", "failed", "cancelled"}),
+    "uploading": frozenset({"succeeded", "failed", "cancelled", "queued"}),
     "succeeded": frozenset(),
     "failed": frozenset(),
     "cancelled": frozenset(),
@@ -531,11 +531,13 @@ class JobStore:
             return jobs[:limit], _encode_cursor(jobs[limit - 1])
         return jobs, None
 
-    def transition(self, job_id: str, from_statuses: str | Iterable[str], to_status: str, **fields: Any) -> bool:
+    def transition(self, job_id: str, from_statuses: str | Iterable[str], to_status: str, *,
+                   attempt: int | None = None, **fields: Any) -> bool:
         """Move the job to ``to_status`` if it is in one of ``from_statuses``: one atomic compare-and-set.
 
         Returns False when the job is not in any of them (another worker or a cancel got there first) or does not
-        exist. Raises :class:`InvalidTransition` when a pair is not allowed at all. ``fields`` may also set
+        exist. A worker passes the ``attempt`` it took the job as: a worker presumed lost whose job was re-queued
+        (attempt + 1) and taken by another then changes nothing (a fencing token). Raises :class:`InvalidTransition` when a pair is not allowed at all. ``fields`` may also set
         error, report, artifacts, worker_ref, progress, metrics. Timestamps follow: ``running`` sets started_at,
         a terminal status sets finished_at; ``running -> queued`` (a lost worker) adds one to ``attempt`` and
         clears worker_ref and started_at. A ``status`` event is recorded in the same transaction.
@@ -557,9 +559,12 @@ class JobStore:
         if fields.get("error"):
             data["error"] = fields["error"]
         with self.session() as s:
+            where = [JobRow.id == job_id, JobRow.status.in_(froms)]
+            if attempt is not None:
+                where.append(JobRow.attempt == attempt)
             result = s.execute(
                 update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status.in_(froms))
+                .where(*where)
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
@@ -569,13 +574,14 @@ class JobStore:
         return True
 
     def set_progress(
-        self, job_id: str, progress: Mapping[str, Any], metrics_delta: Mapping[str, Any] | None = None
+        self, job_id: str, progress: Mapping[str, Any], metrics_delta: Mapping[str, Any] | None = None, *,
+        attempt: int | None = None,
     ) -> bool:
         """Record progress (``{"stage", "layer", "layers", "fraction"}``) and merge ``metrics_delta`` into the
         job's metrics (nested dicts merge key by key, e.g. ``{"layers": {"3": {...}}}``); adds a ``progress`` event.
 
-        Only while the job is running or uploading: returns False otherwise (it was cancelled, failed, or
-        re-queued), which a worker can take as "stop".
+        Only while the job is running or uploading (and, given ``attempt``, still in that attempt): returns False
+        otherwise (it was cancelled, failed, or re-queued), which a worker can take as "stop".
         """
         progress = _json_roundtrip(dict(progress))
         delta = _json_roundtrip(dict(metrics_delta)) if metrics_delta else None
@@ -583,9 +589,10 @@ class JobStore:
         with self.session() as s:
             # FOR UPDATE (PostgreSQL): concurrent merges into metrics must not lose each other's keys.
             # SQLite's BEGIN IMMEDIATE already excludes other writers.
-            row = s.scalars(
-                select(JobRow).where(JobRow.id == job_id, JobRow.status.in_(ACTIVE)).with_for_update()
-            ).one_or_none()
+            where = [JobRow.id == job_id, JobRow.status.in_(ACTIVE)]
+            if attempt is not None:
+                where.append(JobRow.attempt == attempt)
+            row = s.scalars(select(JobRow).where(*where).with_for_update()).one_or_none()
             if row is None:
                 return False
             row.progress = progress
@@ -664,7 +671,7 @@ class JobStore:
 
     def recoverable(self) -> list[Job]:
         """Jobs to take up again after a restart, oldest first: queued ones (dispatch again) and running or
-        uploading ones (re-attach through ``worker_ref``, or ``transition(id, ["running"], "queued")``; when
+        uploading ones (re-attach through ``worker_ref``, or ``transition(id, [status], "queued")``; when
         ``cancel_requested`` is set, finish the cancellation instead)."""
         query = (
             select(JobRow)

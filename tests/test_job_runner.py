@@ -116,8 +116,8 @@ class CancelAtLayer(JobStore):
 
     cancel_at = 2
 
-    def set_progress(self, job_id, progress, metrics_delta=None):
-        ok = super().set_progress(job_id, progress, metrics_delta)
+    def set_progress(self, job_id, progress, metrics_delta=None, **kwargs):
+        ok = super().set_progress(job_id, progress, metrics_delta, **kwargs)
         if progress.get("stage") == "compressing" and progress.get("layer") == self.cancel_at:
             self.request_cancel(job_id)
         return ok

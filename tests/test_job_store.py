@@ -236,6 +236,23 @@ def test_transition_matrix(store, from_status):
         assert TRANSITIONS[from_status] == frozenset()
 
 
+def test_a_worker_presumed_lost_is_fenced_out_by_its_attempt(store):
+    job = store.create_job("alice", REQUEST)[0]
+    assert store.transition(job.id, ["queued"], "running", worker_ref="old")
+    first = store.get(job.id).attempt
+    assert store.transition(job.id, ["running"], "queued", attempt=first)  # recovery: its worker looked gone
+    assert store.transition(job.id, ["queued"], "running", worker_ref="new")
+    second = store.get(job.id).attempt
+    assert second == first + 1
+    # The old worker was alive after all: nothing it does reaches the job any more.
+    assert not store.set_progress(job.id, {"stage": "compressing", "layer": 3}, attempt=first)
+    assert not store.transition(job.id, ["running"], "uploading", attempt=first)
+    assert not store.transition(job.id, ["running"], "failed", attempt=first, error="stale")
+    assert store.get(job.id).status == "running" and store.get(job.id).worker_ref == "new"
+    assert store.set_progress(job.id, {"stage": "compressing", "layer": 1}, attempt=second)
+    assert store.transition(job.id, ["running"], "uploading", attempt=second)
+
+
 def test_transition_fields_and_timestamps(store):
     job = store.create_job("alice", REQUEST)[0]
     assert not store.transition(job.id, ["running"], "succeeded")  # valid pair, but the job is queued

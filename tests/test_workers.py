@@ -174,14 +174,16 @@ def test_on_a_cluster_a_restarted_dispatcher_reattaches_to_the_detached_actor(en
         raise AssertionError("the job's actor is still alive")
 
 
-def test_a_job_lost_while_uploading_fails_with_a_clear_error(env):
-    store, _, dispatcher = env
+def test_a_job_lost_while_uploading_is_queued_again_and_published_once(env):
+    store, settings, dispatcher = env
     job, _ = store.create_job("alice", request("runs/upload-lost"))
     store.transition(job.id, ["queued"], "running", worker_ref=TASK_PREFIX + "deadbeef")
     store.transition(job.id, ["running"], "uploading")
     dispatcher.recover()
-    job = store.get(job.id)
-    assert job.status == "failed" and "lost while uploading" in job.error
+    job = wait_for(store, job.id)
+    assert job.status == "succeeded" and job.attempt == 2, job.error
+    assert statuses(store, job.id) == ["queued", "running", "uploading", "queued", "running", "uploading", "succeeded"]
+    assert (Path(settings.artifacts_root) / "runs/upload-lost" / MANIFEST_NAME).is_file()
 
 
 def test_start_ready_and_stop_own_a_local_ray(tmp_path, local_ray):

@@ -18,9 +18,10 @@ Ray's queue (``ray.cancel`` / ``ray.kill``) so it frees its place at once.
 
 After an API restart, :meth:`RayDispatcher.recover` submits queued jobs again and looks for the work of running
 ones: a detached actor outlives the API and is re-attached by name; a local Ray dies with the API that started it,
-so its tasks are gone and their jobs are re-queued (attempt + 1). A job lost while ``uploading`` cannot be
-re-queued (the store allows no uploading->queued): it fails with a message saying so, and it never published a
-manifest because that is written last.
+so its tasks are gone and their jobs are re-queued (attempt + 1). That holds for a job lost while ``uploading``
+too: the manifest is written last, so it had published nothing, and the new attempt writes the same files again.
+Every store change a worker makes is fenced by the attempt it took the job as, so a worker wrongly presumed lost
+can no longer change a job that was re-queued and taken again.
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ TASK_PREFIX = "ray-task:"  # + Ray task id: the worker_ref of a job run by a tas
 # Ray re-runs work whose worker process died (killed, out of memory, node lost) this many times; an error inside
 # the job is not retried: run_job turns it into a failed job.
 MAX_RETRIES = 2
-LOST_DURING_UPLOAD = ("the worker running this job was lost while uploading its output; nothing was published "
-                      "(the manifest is written last); submit the job again")
 # The folder that holds the `service` package: workers put it on their path so they import the same code.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,15 +61,12 @@ def worker_runtime_env() -> dict:
 
 
 def _take_back(store: JobStore, job: Job) -> bool:
-    """A running or uploading job whose worker is gone: queue it again (True), or end it (False) when a cancel was
-    requested or it was already uploading."""
+    """A running or uploading job whose worker is gone: queue it again (True), or cancel it (False) when a cancel
+    was requested. Both only if the job is still in the attempt that was seen lost."""
     if job.cancel_requested:
-        store.transition(job.id, sorted(ACTIVE), "cancelled")
+        store.transition(job.id, sorted(ACTIVE), "cancelled", attempt=job.attempt)
         return False
-    if job.status == "running":
-        return store.transition(job.id, ["running"], "queued")
-    store.transition(job.id, ["uploading"], "failed", error=LOST_DURING_UPLOAD)
-    return False
+    return store.transition(job.id, sorted(ACTIVE), "queued", attempt=job.attempt)
 
 
 def _run(job_id: str, settings: Settings, input_roots: Sequence[Path], worker_ref: str) -> str | None:
