@@ -1,5 +1,6 @@
 """The `llmpress` command line: the engine's commands (compress, eval, demo) plus the service's.
 
+    llmpress demo [--engine]                             the bundled model through the service's REST API
     llmpress serve [--host 127.0.0.1] [--port 8000]      the API with local Ray, SQLite and ./artifacts by default
     llmpress submit --server URL --model M --recipe FILE --output OUT [--dataset D] [--eval E --max-ppl-ratio R]
                     [--wait]                              prints the job id; --wait follows it
@@ -38,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = service_cli.build_parser()
     parser.description = __doc__.split("\n")[0]
     sub = _subparsers(parser)
+
+    d = sub.choices["demo"]
+    d.description = ("Start the service in this process (local Ray, the SQLite job store, the artifacts folder), "
+                     "submit the bundled stories260K model through its REST API with the recipe, follow the job, "
+                     "then print where the artifacts are and the report.")
+    d.add_argument("--engine", action="store_true",
+                   help="run the engine directly instead, without the service (no Ray, no REST)")
+    d.add_argument("--port", type=int, default=0, help="port for the demo's API (default: a free one)")
 
     s = sub.add_parser("serve", help="run the job API (local Ray, SQLite and ./artifacts unless configured)")
     s.add_argument("--host", default=None, help="interface to listen on (default: LLMPRESS_HOST or 127.0.0.1)")
@@ -109,6 +118,68 @@ def _serve(args) -> int:
     return 0
 
 
+DEMO_GATE = 2.0  # max perplexity ratio of the demo's quality gate: SparseGPT 2:4 on stories260K gives about 1.5
+
+
+def _demo(args) -> int:
+    """The README's main command: the whole service path (REST -> job store -> Ray worker -> engine -> artifacts)
+    on the bundled model, with embedded defaults."""
+    import secrets
+    from datetime import datetime, timezone
+
+    from pydantic import SecretStr
+
+    from api.app import build_app
+    from api.client import Client
+    from api.embedded import EmbeddedServer
+    from service.cli import FIXTURES, summary
+    from service.settings import get_settings
+    from workers.dispatch import connect_ray
+
+    model = FIXTURES / "models" / "stories260K"
+    if not model.is_dir():
+        raise FileNotFoundError(f"the bundled model is missing at {model}; run the demo from a repository checkout")
+    data = FIXTURES / "data"
+    secret = secrets.token_urlsafe(32)  # this run's own key: the demo never needs one configured
+    settings = get_settings()
+    settings = settings.model_copy(update={
+        "api_keys": {**settings.api_keys, "demo": SecretStr(secret)},
+        "input_roots": (*settings.input_roots, str(FIXTURES)),
+        "host": "127.0.0.1", "port": args.port or settings.port,
+    })
+    Path(settings.artifacts_root).mkdir(parents=True, exist_ok=True)
+    output = args.output or f"demo/stories260K-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    import ray
+
+    connect_ray(settings)  # from the main thread (Ray's signal handlers), before the API's thread uses it
+    try:
+        with EmbeddedServer(build_app(settings), port=args.port) as url:
+            print(f"llmpress demo: the service is up at {url} (job store {settings.database_url}, artifacts in "
+                  f"{Path(settings.artifacts_root).resolve()})", flush=True)
+            client = Client(url, secret)
+            job = client.submit(
+                model=str(model), recipe=Path(args.recipe).read_text(), output=output,
+                dataset={"source": str(data / "wikitext-2" / "valid.txt"), "num_samples": 128, "seq_len": 256},
+                eval={"source": str(data / "wikitext-2" / "test.txt"), "max_ppl_ratio": DEMO_GATE,
+                      "max_tokens": 40960},
+                labels={"source": "llmpress-demo"},
+            )
+            print(f"submitted job {job.id} (POST {url}/v1/jobs): {model.name}, {Path(args.recipe).name}, "
+                  f"calibration 128 x 256 tokens of WikiText-2, gate: perplexity ratio <= {DEMO_GATE}", flush=True)
+            job = client.wait(job.id, poll=0.5,
+                              on_progress=lambda j: print("  " + _progress_line(j), flush=True))
+    finally:
+        ray.shutdown()
+    if job.status != "succeeded":
+        print(f"job {job.id} {job.status}: {job.error}", file=sys.stderr)
+        return 1
+    print(summary(job.report))
+    manifest = job.artifacts.manifest
+    print(f"artifacts: {job.artifacts.uri} ({len(manifest.files)} files, {manifest.total_size:,} bytes; "
+          f"{manifest.key} lists each with its sha256)")
+    return 0
+
+
 def _read_recipe(path: str) -> str | list:
     text = Path(path).read_text()
     try:
@@ -120,6 +191,8 @@ def _read_recipe(path: str) -> str | list:
 
 def _progress_line(job) -> str:
     p = job.progress
+    if job.status in ("succeeded", "failed", "cancelled"):
+        return f"{job.id} {job.status}"
     where = f" {p.stage}" if p.stage else ""
     if p.layer is not None and p.layers:
         where += f" layer {p.layer}/{p.layers}"
@@ -210,11 +283,11 @@ def _keys(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.command in SERVICE_COMMANDS:
-        return service_cli.main(argv)
+    if args.command in SERVICE_COMMANDS and not (args.command == "demo" and not args.engine):
+        return service_cli.main([a for a in argv if a != "--engine"])
     from api.client import ApiError
 
-    handlers = {"serve": _serve, "submit": _submit, "jobs": _jobs, "keys": _keys}
+    handlers = {"serve": _serve, "submit": _submit, "jobs": _jobs, "keys": _keys, "demo": _demo}
     try:
         return handlers[args.command](args)
     except (ApiError, OSError, ValueError) as exc:

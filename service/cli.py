@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_safety(e)
 
     d = sub.add_parser("demo", help="compress the bundled stories260K model with SparseGPT 2:4 and report quality")
-    d.add_argument("--output", default="artifacts/demo-stories260K-2of4")
+    d.add_argument("--output", default=None, help="where the compressed model goes (default: a new folder under "
+                                                  "artifacts/ for each run)")
     d.add_argument("--recipe", default=str(RECIPES / "sparsegpt_2of4.yaml"))
     d.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     return parser
@@ -126,7 +127,8 @@ def _demo(args) -> int:
              EvalSet("tinystories", data / "tinystories" / "valid-subset.txt")]
     print(f"llmpress demo: {model.name} with {Path(args.recipe).name}, calibration 128 x 256 tokens of WikiText-2")
     report = compress_checkpoint(
-        model, Path(args.recipe), args.output, dataset=data / "wikitext-2" / "valid.txt", num_samples=128,
+        model, Path(args.recipe), args.output or "artifacts/demo-stories260K-2of4", dataset=data / "wikitext-2" /
+        "valid.txt", num_samples=128,
         seq_len=256, device=args.device, evals=evals, overwrite=True,
     )
     print(summary(report))

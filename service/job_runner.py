@@ -209,7 +209,7 @@ def validate_request(request: Mapping[str, Any], settings: Settings | None = Non
 
 
 def _input_roots(settings: Settings, extra: Sequence[str | Path]) -> list[Path]:
-    return [Path(settings.artifacts_root), *map(Path, extra)]
+    return [Path(settings.artifacts_root), *map(Path, settings.input_roots), *map(Path, extra)]
 
 
 def _fetch_input(uri: str, dest: Path, field: str, roots: list[Path]) -> Path:

@@ -73,6 +73,14 @@ class Settings(BaseSettings):
             "Applies to keys from LLMPRESS_API_KEYS and to stored keys alike."
         ),
     )
+    input_roots: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "Comma-separated folders whose files jobs may read as a local model, dataset or eval text, besides "
+            "artifacts_root (always allowed). Empty by default: other local paths are refused, so a job cannot read "
+            "arbitrary files of the server; S3 and Hub inputs need no entry."
+        ),
+    )
     host: str = Field("127.0.0.1", description="Interface `llmpress serve` listens on; 0.0.0.0 for all interfaces.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port `llmpress serve` listens on.")
     max_request_bytes: int = Field(
@@ -123,6 +131,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"{ENV_PREFIX}API_KEYS names {name!r} twice")
             keys[name] = secret
         return keys
+
+    @field_validator("input_roots", mode="before")
+    @classmethod
+    def _parse_input_roots(cls, value):
+        return tuple(_split_list(value)) if isinstance(value, str) else value
 
     @field_validator("admin_keys", mode="before")
     @classmethod

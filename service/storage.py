@@ -258,7 +258,7 @@ class ObjectStore:
         for entry in entries:
             if not entry.key.startswith(folder) or entry.key == folder + MANIFEST_NAME:
                 raise _bad(self.field, f"manifest under '{folder}' cannot list '{entry.key}'")
-            files.append({"path": entry.key[len(folder):], "size": entry.size, "sha256": entry.sha256})
+            files.append({"key": entry.key[len(folder):], "size": entry.size, "sha256": entry.sha256})
         document = {
             "format": MANIFEST_FORMAT,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -268,7 +268,7 @@ class ObjectStore:
         }
         key = folder + MANIFEST_NAME
         self._put_bytes(key, (json.dumps(document, indent=2) + "\n").encode())
-        return Manifest(self.uri(folder), key, [FileEntry(folder + f["path"], f["size"], f["sha256"]) for f in files],
+        return Manifest(self.uri(folder), key, [FileEntry(folder + f["key"], f["size"], f["sha256"]) for f in files],
                         document["extra"], document["created_at"])
 
     def read_manifest(self, prefix: str = "") -> Manifest:
@@ -280,7 +280,7 @@ class ObjectStore:
             raise _bad(self.field, f"no {MANIFEST_NAME} at {self.uri(folder)}: the output was never completed")
         try:
             document = json.loads(data)
-            files = [FileEntry(folder + check_key(f["path"], self.field), int(f["size"]), str(f["sha256"]))
+            files = [FileEntry(folder + check_key(f["key"], self.field), int(f["size"]), str(f["sha256"]))
                      for f in document["files"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise _bad(self.field, f"{self.uri(key)} is not a valid manifest ({type(exc).__name__})") from None

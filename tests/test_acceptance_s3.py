@@ -131,7 +131,7 @@ def test_rest_job_on_s3_end_to_end(service, tmp_path):
     manifest_object = service.s3.get_object(Bucket=BUCKET, Key=f"out/job1/{artifacts['manifest_key']}")
     manifest = json.loads(manifest_object["Body"].read())
     # The manifest.json in the bucket (written last) lists the same files as the API's manifest.
-    assert sorted((f["path"], f["size"], f["sha256"]) for f in manifest["files"]) == \
+    assert sorted((f["key"], f["size"], f["sha256"]) for f in manifest["files"]) == \
         sorted((f["key"], f["size"], f["sha256"]) for f in files)
     assert manifest["extra"]["job_id"] == job["id"]
     model_dir = tmp_path / "model"

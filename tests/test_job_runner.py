@@ -73,7 +73,7 @@ def test_local_job_succeeds_with_progress_metrics_report_and_manifest(env):
     out = Path(settings.artifacts_root).resolve() / "runs" / "first"
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert job.artifacts["uri"] == out.as_uri() and job.artifacts["manifest"]["files"]
-    listed = {f["path"]: f for f in manifest["files"]}
+    listed = {f["key"]: f for f in manifest["files"]}
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {MANIFEST_NAME}
     assert set(listed) == on_disk and "config.json" in listed
     for path, entry in listed.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -111,3 +112,10 @@ def test_secrets_never_printed(clean_env):
         assert "dbpassword" not in text and "llm:***@db" in text
     assert s.api_keys["bob"].get_secret_value() == "topsecret-2"
     assert s.database_url.endswith("llm:dbpassword@db/llmpress")  # the value itself is intact for the engine
+
+
+def test_every_setting_is_documented_in_the_readme():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, field in Settings.model_fields.items():
+        variable = "RAY_ADDRESS" if name == "ray_address" else f"LLMPRESS_{name.upper()}"
+        assert f"`{variable}`" in readme, f"{variable} ({name}) is missing from the README's settings table"

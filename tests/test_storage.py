@@ -165,7 +165,7 @@ def test_local_publish_round_trip(tmp_path):
     assert {f.key: (f.size, f.sha256) for f in manifest.files} == {k: (len(v), sha256(v)) for k, v in TREE.items()}
     document = json.loads((out / MANIFEST_NAME).read_text())
     assert document["extra"] == {"job": "job1", "sparsity": 0.5}
-    assert {f["path"]: f["sha256"] for f in document["files"]} == {k: sha256(v) for k, v in TREE.items()}
+    assert {f["key"]: f["sha256"] for f in document["files"]} == {k: sha256(v) for k, v in TREE.items()}
     assert document["total_size"] == sum(map(len, TREE.values()))
 
     store = open_store(out.as_uri())
@@ -248,8 +248,8 @@ def test_s3_publish_round_trip_and_manifest_last(s3, bucket, tmp_path, monkeypat
     document = json.loads(s3.get_object(Bucket=bucket, Key=f"jobs/7/{MANIFEST_NAME}")["Body"].read())
     assert document["extra"] == {"job": "7"}
     for entry in document["files"]:
-        body = s3.get_object(Bucket=bucket, Key=f"jobs/7/{entry['path']}")["Body"].read()
-        assert body == TREE[entry["path"]]
+        body = s3.get_object(Bucket=bucket, Key=f"jobs/7/{entry['key']}")["Body"].read()
+        assert body == TREE[entry["key"]]
         assert entry["sha256"] == sha256(body) and entry["size"] == len(body)
 
     store = open_store(f"s3://{bucket}/jobs/7")

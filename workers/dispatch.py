@@ -69,6 +69,13 @@ def _take_back(store: JobStore, job: Job) -> bool:
     return store.transition(job.id, sorted(ACTIVE), "queued", attempt=job.attempt)
 
 
+def connect_ray(settings: Settings) -> None:
+    """Join the cluster at settings.ray_address, or start a local Ray, as our workers need it. Call it from the
+    main thread where possible: Ray installs signal handlers there."""
+    ray.init(address=settings.ray_address or None, namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=False, ignore_reinit_error=True, runtime_env=worker_runtime_env())
+
+
 def _run(job_id: str, settings: Settings, input_roots: Sequence[Path], worker_ref: str) -> str | None:
     """Run the job in this worker process; its final status (None: no such job)."""
     store = JobStore(settings.database_url)
@@ -107,7 +114,8 @@ class JobActor:
 def _portable(settings: Settings) -> Settings:
     """The settings with relative paths made absolute: workers do not share the API's working directory."""
     url = make_url(settings.database_url)
-    update = {"artifacts_root": str(Path(settings.artifacts_root).resolve())}
+    update = {"artifacts_root": str(Path(settings.artifacts_root).resolve()),
+              "input_roots": tuple(str(Path(root).resolve()) for root in settings.input_roots)}
     if url.get_backend_name() == "sqlite":
         database = url.database or ""
         if database in ("", ":memory:") or database.startswith("file:"):
@@ -146,8 +154,7 @@ class RayDispatcher:
     def start(self) -> None:
         """Join Ray (RAY_ADDRESS) or start a local one, then recover the jobs a previous run left behind."""
         if not ray.is_initialized():
-            ray.init(address=self.settings.ray_address or None, namespace=NAMESPACE, include_dashboard=False,
-                     log_to_driver=False, ignore_reinit_error=True, runtime_env=worker_runtime_env())
+            connect_ray(self.settings)
             self._owns_ray = True
         self.recover()
 
