@@ -425,6 +425,26 @@ def run_cli(env, *args, key="alice", extra_env=None):
                           env=environment, timeout=120)
 
 
+@pytest.mark.parametrize("change, expected", [
+    ({"model": str(FIXTURES / "models" / "no-such-model")}, "model: '"),
+    ({"model": "some-org/some-model"}, "offline"),
+    ({"dataset": {"source": str(STORIES / "model.safetensors"), "num_samples": 4, "seq_len": 32}},
+     "dataset.source: cannot read"),
+])
+def test_bad_inputs_through_rest_fail_the_job_with_a_clear_error(ray_env, change, expected):
+    """What only the worker can find out (the model or the text is not there or not readable, the Hub is out of
+    reach): the job is created, then ends ``failed`` with an error a person can act on, and publishes nothing.
+    (A missing S3 bucket, the same through moto's S3: tests/test_job_runner.py.)"""
+    env = ray_env
+    client = Client(env.url, KEYS["alice"])
+    body = {"model": str(STORIES), "recipe": RECIPE_YAML, "output": f"bad-{uuid.uuid4().hex[:8]}",
+            "dataset": {"source": str(CALIB), "num_samples": 4, "seq_len": 32}, **change}
+    job = client.wait(client.submit(**body).id, poll=0.05, timeout=120)
+    assert job.status == "failed" and expected in job.error, job.error
+    assert "internal error" not in job.error and job.artifacts is None
+    assert not (env.root / "artifacts" / body["output"]).exists()
+
+
 def test_cli_submit_wait_jobs_and_keys(ray_env, tmp_path):
     env = ray_env
     layers = json.loads((STORIES / "config.json").read_text())["num_hidden_layers"]
