@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,10 +36,13 @@ def shard_name(index: int, total: int) -> str:
 class ShardWriter:
     """Writes numbered safetensors shards and, at the end, the index that maps every tensor to its shard."""
 
-    def __init__(self, directory: Path, num_shards: int):
+    def __init__(self, directory: Path, num_shards: int, on_written: Callable[[Path, str], None] | None = None):
+        """``on_written(path, name)`` is called with each shard once it is complete (the job service uploads it
+        then, while the next block is compressed)."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.num_shards = num_shards
+        self.on_written = on_written
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
 
@@ -52,6 +56,8 @@ class ShardWriter:
         for key, tensor in plain.items():
             self.weight_map[key] = name
             self.total_bytes += tensor.numel() * tensor.element_size()
+        if self.on_written is not None:
+            self.on_written(self.dir / name, name)
 
     def finish(self) -> None:
         """Write the index; shards that received no tensors are written empty so the numbering has no holes."""
@@ -61,6 +67,8 @@ class ShardWriter:
             path = self.dir / shard_name(index, self.num_shards)
             if not path.exists():
                 save_file({}, str(path), metadata={"format": "pt"})
+                if self.on_written is not None:
+                    self.on_written(path, path.name)
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
         write_json(self.dir / INDEX_NAME, index)
 

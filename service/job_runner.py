@@ -5,14 +5,15 @@ One job, followed forward::
     queued -> running      (compare-and-set: only one worker ever gets past this line)
       validate the request, refuse a location that is already published, fetch S3 inputs into the work folder
       compress_checkpoint into <workdir>/<job id>/output, progress and metrics to the store after every layer,
-      stopping between layers when a cancel was requested
+      stopping between layers when a cancel was requested; each weight shard is uploaded (in the background)
+      as soon as it is written
       quality gate (eval.max_ppl_ratio)
-    running -> uploading -> publish_directory (manifest last) -> succeeded
+    running -> uploading -> the other files, then the manifest (last) -> succeeded
     any error -> failed (a message a person can act on); a cancel -> cancelled
     the work folder is removed; the webhook, if any, is told about the terminal state
 
-Nothing is published before the last step, and publish_directory removes what it wrote if it fails, so a failed or
-cancelled job never leaves a manifest behind. This module knows nothing of Ray or HTTP: ``workers/`` calls
+The manifest is written last, and the job's Publisher deletes what it uploaded when anything fails or the job is
+cancelled, so a failed or cancelled job never leaves a manifest behind (nor, as far as deletes succeed, shards). This module knows nothing of Ray or HTTP: ``workers/`` calls
 :func:`run_job`, ``api/`` calls :func:`validate_request` to answer 422s.
 """
 
@@ -38,7 +39,7 @@ from service.job_store import Job, JobStore, canonical_json
 from service.model_source import CheckpointError
 from service.recipe import RecipeError, load_recipe, recipe_summary
 from service.settings import Settings
-from service.storage import MANIFEST_NAME, StorageError, fetch, open_store, parse_uri, publish_directory
+from service.storage import MANIFEST_NAME, Publisher, StorageError, fetch, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -344,19 +345,25 @@ def _manifest_extra(job_id: str, report: dict) -> dict:
 def _execute(store: JobStore, job: Job, settings: Settings, folder: Path, input_roots: list[Path]) -> bool:
     """Everything between running and succeeded; raises on any failure or on a cancel. False when the job was
     ended elsewhere during the upload (its output is then removed again)."""
-    from service.oneshot import EvalSet, compress_checkpoint
-
     job_id = job.id
     request = validate_request(job.request, settings)
     artifacts_root = Path(settings.artifacts_root)
     on_progress = _progress_callback(store, job_id, job.attempt)
     on_progress({"stage": "fetching", "fraction": 0.0})
 
-    # Refuse a taken or unreachable output location now, not after the compression.
-    target = open_store(request["output"], field="output", local_root=artifacts_root, confine=True)
-    if target.exists(MANIFEST_NAME):
-        raise StorageError(f"output: {target.uri()} already holds a published output ({MANIFEST_NAME}); "
-                           "choose another location")
+    # Opening the publisher refuses a taken or unreachable output location now, not after the compression.
+    # Each weight shard is uploaded as soon as it is written, while the next layer is compressed; leaving the
+    # `with` on any error or cancel deletes what was uploaded. The manifest goes last, in finish().
+    with Publisher(request["output"], staging=folder / "staging", field="output", local_root=artifacts_root,
+                   confine=True) as publisher:
+        return _compress_and_publish(store, job, request, publisher, folder, input_roots, on_progress, settings)
+
+
+def _compress_and_publish(store: JobStore, job: Job, request: dict, publisher: Publisher, folder: Path,
+                          input_roots: list[Path], on_progress, settings: Settings) -> bool:
+    from service.oneshot import EvalSet, compress_checkpoint
+
+    job_id = job.id
 
     inputs = folder / "inputs"
     model_dir = _resolve_model(request["model"], inputs / "model", input_roots, settings)
@@ -379,7 +386,7 @@ def _execute(store: JobStore, job: Job, settings: Settings, folder: Path, input_
         num_samples=dataset["num_samples"] if dataset else DEFAULT_NUM_SAMPLES,
         seq_len=dataset["seq_len"] if dataset else DEFAULT_SEQ_LEN,
         seed=dataset["seed"] if dataset else 0,
-        evals=evals, on_progress=on_progress,
+        evals=evals, on_progress=on_progress, on_shard=lambda path, name: publisher.add(path, name),
     )
     report.pop("output", None)  # the work folder, about to be removed
     report["source"] = {"model": request["model"]}
@@ -399,8 +406,7 @@ def _execute(store: JobStore, job: Job, settings: Settings, folder: Path, input_
         raise JobCancelled("the job is no longer running")
     # From here the job runs to the end: publishing cleans up after itself only when it fails.
     store.set_progress(job_id, {"stage": "uploading", "fraction": 1.0}, attempt=job.attempt)
-    manifest = publish_directory(output_dir, request["output"], extra_manifest=_manifest_extra(job_id, report),
-                                 local_root=artifacts_root, confine=True)
+    manifest = publisher.finish(output_dir, _manifest_extra(job_id, report))
     report["output"] = manifest.uri
     artifacts = {"uri": manifest.uri, "manifest": manifest.to_dict()}
     if not store.transition(job_id, ["uploading"], "succeeded", attempt=job.attempt, artifacts=artifacts,
@@ -413,7 +419,7 @@ def _execute(store: JobStore, job: Job, settings: Settings, folder: Path, input_
             return False
         # Someone else ended the job while we uploaded: the output must not outlive it.
         log.warning("job %s ended elsewhere during upload; removing its published output", job_id)
-        target.delete_keys([MANIFEST_NAME, *(f.key for f in manifest.files)])
+        publisher.store.delete_keys([MANIFEST_NAME, *(f.key for f in manifest.files)])
         return False
     return True
 

@@ -254,13 +254,13 @@ class StreamedBlocks:
 
 def _stream_stage(
     source_dir: Path, target_dir: Path, modifiers, tokens, device, *, mode, trust_remote_code, batch_size,
-    report: ReportBuilder,
+    report: ReportBuilder, on_shard: Callable[[Path, str], None] | None = None,
 ) -> None:
     source = StreamedModel(source_dir, trust_remote_code=trust_remote_code)
     model = source.model
     block_names = [name for name, _ in stage_blocks(model, modifiers)]
     outside = [n for n in source.keys if not any(n.startswith(b + ".") for b in block_names)]
-    writer = ShardWriter(target_dir, num_shards=len(block_names) + 1)
+    writer = ShardWriter(target_dir, num_shards=len(block_names) + 1, on_written=on_shard)
     source.load(outside, "cpu")  # embeddings, final norm, head: needed to capture the first block's inputs
 
     def write_outside(blocks) -> None:
@@ -300,11 +300,14 @@ def compress_checkpoint(
     eval_seq_len: int = 512,
     overwrite: bool = False,
     on_progress: Progress | None = None,
+    on_shard: Callable[[Path, str], None] | None = None,
 ) -> dict:
     """Compress the checkpoint `model` with `recipe` into the directory `output`; returns the report.
 
     The output directory appears complete or not at all: config.json with a `sparsity_config`, sharded
     safetensors and their index, tokenizer and generation files, recipe.yaml and compression_report.json.
+    `on_shard(path, name)` is called with each weight shard of the output as soon as it is complete (`path` is in
+    a temporary folder that is renamed at the end: take the file at once, e.g. by a hard link).
     """
     from service.calibration_data import calibration_tokens
     from service.text_data import load_tokenizer
@@ -332,7 +335,8 @@ def compress_checkpoint(
             target = out.tmp if last else out.tmp / f".stage-{k}"
             part = ReportBuilder(progress, stage="compressing")
             _stream_stage(source_dir, target, stage.modifiers, tokens, device, mode=pipeline,
-                          trust_remote_code=trust_remote_code, batch_size=batch_size, report=part)
+                          trust_remote_code=trust_remote_code, batch_size=batch_size, report=part,
+                          on_shard=on_shard if last else None)
             if source_dir.parent == out.tmp and source_dir.name.startswith(".stage-"):
                 shutil.rmtree(source_dir)
             if not last:

@@ -56,8 +56,18 @@ _GROUP_SUFFIX = "_modifiers"
 _LIST_ITEM_FORMS = '{"ClassName": {args}} or {"type": "ClassName", ...args}'
 
 # Modifier classes by class name. Filled by @register_modifier at import time of the
-# module that defines each class, so that module must be imported before load_recipe.
+# module that defines each class; load_recipe imports the built-in ones first.
 _REGISTRY: dict[str, type[Modifier]] = {}
+# The modules that define llmpress's own modifiers: imported on first use, so that every caller (CLI, API, a
+# Ray worker) knows every modifier whatever it happened to import before.
+BUILTIN_MODIFIER_MODULES = ("service.pruning_modifiers",)
+
+
+def _load_builtin_modifiers() -> None:
+    import importlib
+
+    for module in BUILTIN_MODIFIER_MODULES:
+        importlib.import_module(module)
 
 
 class RecipeError(ValueError):
@@ -85,6 +95,7 @@ def register_modifier(cls: type[Modifier]) -> type[Modifier]:
 
 def registered_modifiers() -> dict[str, type[Modifier]]:
     """A copy of the registry: class name -> class."""
+    _load_builtin_modifiers()
     return dict(_REGISTRY)
 
 
@@ -199,6 +210,7 @@ def load_recipe(source: Any) -> Recipe:
 
     :raises RecipeError: with the field path and what is allowed
     """
+    _load_builtin_modifiers()
     if isinstance(source, Recipe):
         return source
     if isinstance(source, Modifier):

@@ -707,49 +707,133 @@ class S3Store(ObjectStore):
 # -------------------------------------------------------------------------------------------------- workflows
 
 
+class Publisher:
+    """Publishes one output to ``uri`` file by file as the files become ready, and the manifest last.
+
+    ``add(path, key)`` takes a finished file at once (a hard link into the publisher's own staging folder, so the
+    caller may move or delete its copy) and uploads it in a background thread while the caller goes on working;
+    ``finish(local_dir)`` uploads what was not added yet, waits for every upload, then writes the manifest.
+    ``abort()`` (also what leaving the ``with`` block on an exception does) stops, waits for the upload in flight
+    and deletes every key this publisher wrote or may have written, the manifest among them: a failed or cancelled
+    job leaves no manifest behind and, as far as deletes succeed, nothing else.
+
+    A location that already holds a manifest is refused up front unless ``overwrite`` (then the old manifest goes
+    first and the files it listed that the new output lacks go last).
+    """
+
+    def __init__(self, uri: str | Path, *, staging: str | Path, overwrite: bool = False, field: str = "output",
+                 local_root: Path | None = None, confine: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = open_store(uri, field=field, local_root=local_root, confine=confine)
+        self.field = field
+        self._old = None
+        if self.store.exists(MANIFEST_NAME):
+            if not overwrite:
+                raise _bad(field, f"{self.store.uri()} already holds a published output ({MANIFEST_NAME}); choose "
+                                  "another location or overwrite it explicitly")
+            self._old = self.store.read_manifest("")
+        self._staging = Path(staging)
+        self._staging.mkdir(parents=True, exist_ok=True)
+        # One upload at a time: the point is to overlap uploading with compressing, not to saturate the link.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="llmpress-upload")
+        self._uploads: dict[str, object] = {}  # key -> Future[FileEntry], in the order added
+        self._failed: BaseException | None = None
+        self._done = False
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self._done:
+            self.abort()
+        self._close()
+
+    def add(self, path: str | Path, key: str) -> None:
+        """Upload the finished file ``path`` to ``key`` soon, in the background; raises the error of an earlier
+        upload that failed, so the caller stops early."""
+        if self._failed is not None:
+            raise self._failed
+        check_key(key, self.field)
+        if key == MANIFEST_NAME:
+            raise _bad(self.field, f"'{path}' uses the reserved name {MANIFEST_NAME}, written last by publish")
+        if key in self._uploads:
+            raise _bad(self.field, f"'{key}' was added twice")
+        staged = self._staging / uuid.uuid4().hex
+        try:
+            os.link(path, staged)
+        except OSError:  # another file system: a copy costs disk but keeps the guarantee
+            shutil.copyfile(path, staged)
+        self._uploads[key] = self._pool.submit(self._upload, staged, key)
+
+    def _upload(self, staged: Path, key: str) -> FileEntry:
+        try:
+            if self._failed is not None:  # one upload failed: the publish is lost, send nothing more
+                raise self._failed
+            return self.store.upload_file(staged, key)
+        except BaseException as exc:
+            self._failed = self._failed or exc
+            raise
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def finish(self, local_dir: str | Path, extra_manifest: dict | None = None) -> Manifest:
+        """Upload the files of ``local_dir`` that were not added, wait for all uploads, write the manifest."""
+        extra = dict(extra_manifest or {})
+        json.dumps(extra)  # a value JSON cannot hold fails here, before the manifest
+        plan = self.store._plan_dir(local_dir, "")
+        if not plan and not self._uploads:
+            raise _bad(self.field, f"'{local_dir}' holds no files to publish")
+        for path, key in plan:
+            if key not in self._uploads:
+                self.add(path, key)
+        entries = sorted((future.result() for future in self._uploads.values()), key=lambda e: e.key)
+        if self._old is not None:
+            self.store.delete_keys([MANIFEST_NAME])  # the old output is no longer complete from here on
+        manifest = self.store._write_manifest("", entries, extra)
+        self._done = True
+        if self._old is not None:
+            stale = {f.key for f in self._old.files} - set(self._uploads)
+            if stale:
+                try:
+                    self.store.delete_keys(sorted(stale))
+                except StorageError as exc:  # the new manifest is authoritative; leftovers are harmless
+                    log.warning("could not delete %d files of the replaced output at %s: %s", len(stale),
+                                self.store.uri(), exc)
+        log.info("published %d files (%d bytes) to %s", len(manifest.files), manifest.total_size, self.store.uri())
+        return manifest
+
+    def abort(self) -> None:
+        """Stop uploading and delete what this publisher wrote (every key it was given, and the manifest)."""
+        for future in self._uploads.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        try:
+            # Every key, not only those known to be done: an upload that failed on our side may have landed.
+            self.store.delete_keys([*self._uploads, MANIFEST_NAME])
+        except Exception as cleanup:  # noqa: BLE001 - the original error matters more; say the cleanup failed
+            log.warning("publish to %s failed and its cleanup failed too: %s", self.store.uri(), cleanup)
+        self._done = True
+
+    def _close(self) -> None:
+        self._pool.shutdown(wait=True)
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+
 def publish_directory(local_dir: str | Path, uri: str | Path, *, extra_manifest: dict | None = None,
                       overwrite: bool = False, field: str = "output", local_root: Path | None = None,
                       confine: bool = False) -> Manifest:
     """Upload every file of a finished output directory to ``uri``, then its manifest; the manifest.
 
-    Refuses a location that already holds a manifest unless ``overwrite`` (then the old manifest goes first and the
-    files it listed that the new output lacks go last). If anything fails, or the job is cancelled (any exception,
-    KeyboardInterrupt included), every key this publish would have written is deleted, the manifest among them,
-    and the exception is re-raised: a failed publish leaves no manifest behind and, as far as deletes succeed,
-    nothing else.
+    See :class:`Publisher` for the guarantees: nothing half-published survives a failure (any exception,
+    KeyboardInterrupt included).
     """
-    store = open_store(uri, field=field, local_root=local_root, confine=confine)
-    extra = dict(extra_manifest or {})
-    json.dumps(extra)  # a value JSON cannot hold fails here, before anything is uploaded
-    old = None
-    if store.exists(MANIFEST_NAME):
-        if not overwrite:
-            raise _bad(field, f"{store.uri()} already holds a published output ({MANIFEST_NAME}); choose another "
-                              "location or overwrite it explicitly")
-        old = store.read_manifest("")
-        store.delete_keys([MANIFEST_NAME])
-    plan = store._plan_dir(local_dir, "")
-    if not plan:
-        raise _bad(field, f"'{local_dir}' holds no files to publish")
-    try:
-        entries = [store.upload_file(path, key) for path, key in plan]
-        manifest = store._write_manifest("", entries, extra)
-    except BaseException:
-        try:
-            # Every planned key, not only those known to be done: an upload that failed on our side may have landed.
-            store.delete_keys([key for _, key in plan] + [MANIFEST_NAME])
-        except Exception as cleanup:
-            log.warning("publish to %s failed and its cleanup failed too: %s", store.uri(), cleanup)
-        raise
-    if old is not None:
-        stale = {f.key for f in old.files} - {key for _, key in plan}
-        if stale:
-            try:
-                store.delete_keys(sorted(stale))
-            except StorageError as exc:  # the new manifest is authoritative; leftovers are harmless
-                log.warning("could not delete %d files of the replaced output at %s: %s", len(stale), store.uri(), exc)
-    log.info("published %d files (%d bytes) to %s", len(manifest.files), manifest.total_size, store.uri())
-    return manifest
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="llmpress-publish-") as staging:
+        with Publisher(uri, staging=staging, overwrite=overwrite, field=field, local_root=local_root,
+                       confine=confine) as publisher:
+            return publisher.finish(local_dir, extra_manifest)
 
 
 def fetch(uri: str | Path, local_dir: str | Path, *, field: str = "model", local_root: Path | None = None,

@@ -8,6 +8,7 @@ import hmac
 import http.server
 import json
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -130,7 +131,9 @@ def test_cancel_stops_between_layers_and_cleans_up(tmp_path):
     assert job.status == "cancelled" and job.error is None and job.artifacts is None
     assert sorted(job.metrics["layers"]) == ["0", "1"]  # stopped after the second block, before the third
     assert job.progress["layer"] == 2
-    assert not (Path(settings.artifacts_root) / "runs").exists()
+    # The shards uploaded while it ran were deleted again, their folder with them.
+    assert not (Path(settings.artifacts_root) / "runs" / "cancelled").exists()
+    assert not [p for p in Path(settings.artifacts_root).rglob("*") if p.is_file()]
     assert not (tmp_path / "work" / job.id).exists()
     assert statuses(store, job.id) == ["queued", "running", "cancelled"]
     store.close()
@@ -241,6 +244,34 @@ def test_s3_job_reads_and_publishes_through_s3(env, s3, bucket):
     assert job.report["source"]["model"] == f"s3://{bucket}/models/stories260K"
     assert job.report["calibration"]["dataset"] == f"s3://{bucket}/data/valid.txt"
     assert not (workdir / job.id).exists()
+
+
+class WatchUploads(JobStore):
+    """A store that, each time a layer is reported done, lists what the output prefix already holds on S3."""
+
+    s3 = bucket = prefix = None
+    seen: list
+
+    def set_progress(self, job_id, progress, metrics_delta=None, **kwargs):
+        if progress.get("stage") == "compressing" and progress.get("layer"):
+            time.sleep(0.3)  # the background upload of the shard just written
+            self.seen.append((progress["layer"], keys(self.s3, self.bucket, self.prefix)))
+        return super().set_progress(job_id, progress, metrics_delta, **kwargs)
+
+
+def test_s3_shards_are_uploaded_while_the_job_runs_and_the_manifest_last(tmp_path, s3, bucket):
+    store = WatchUploads(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.s3, store.bucket, store.prefix, store.seen = s3, bucket, "jobs/streamed/", []
+    settings = Settings(artifacts_root=str(tmp_path / "artifacts"), hub_offline=True)
+    job = run(store, settings, tmp_path / "work", request(f"s3://{bucket}/jobs/streamed/"))
+    assert job.status == "succeeded", job.error
+    # Layer i (1-based) done: shard i (block i-1) is on S3 already, and no manifest yet.
+    for layer, present in store.seen:
+        assert f"jobs/streamed/model-{layer + 1:05d}-of-00006.safetensors" in present, (layer, present)
+        assert f"jobs/streamed/{MANIFEST_NAME}" not in present
+    assert [layer for layer, _ in store.seen] == [1, 2, 3, 4, 5]
+    assert f"jobs/streamed/{MANIFEST_NAME}" in keys(s3, bucket, "jobs/streamed/")
+    store.close()
 
 
 def test_s3_failures_name_the_bucket_and_publish_nothing(env, s3, bucket):
