@@ -1,0 +1,191 @@
+"""Integer quantization math: scales, zero points, quantize / dequantize / fake-quantize.
+
+Pure tensor functions, no modules or hooks. The arithmetic matches compressed-tensors 0.20
+(``calculate_qparams`` and ``forward.quantize/dequantize``) bit for bit, so a checkpoint we write
+decompresses in that library to exactly the values our fake-quantized model computed with:
+
+* the range of ``b`` bits is ``[-2^(b-1), 2^(b-1) - 1]`` for both symmetric and asymmetric
+  quantization (int4: [-8, 7]); the integers are signed, the zero point is int8;
+* symmetric: ``scale = max|w| / ((q_max - q_min) / 2)``, i.e. max|w| / 7.5 for int4: the largest
+  magnitude rounds to -8 on the negative side and clamps to 7 on the positive side;
+* asymmetric: min/max are first widened to include 0, ``scale = (max - min) / (q_max - q_min)``,
+  ``zero_point = round(clamp(q_min - min / scale, q_min, q_max))``;
+* a zero scale becomes ``finfo(dtype).eps`` (all-zero rows stay zero);
+* ``q = round(clamp(w / scale + zero_point, q_min, q_max))`` (round half to even),
+  ``w' = (q - zero_point) * scale``; all in the dtype of ``w``.
+
+Shapes of ``scale`` / ``zero_point`` for a weight ``[rows, cols]`` (compressed-tensors layout):
+tensor ``[1]``, channel ``[rows, 1]``, group ``[rows, cols // group_size]``. For activations
+(``token``) the reduction is over the last (feature) dimension: ``[..., 1]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+STRATEGIES = ("tensor", "channel", "group", "token")
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """How to quantize one tensor; field names mirror compressed-tensors ``QuantizationArgs`` (type int only).
+
+    Attributes:
+        num_bits: 2..8.
+        symmetric: zero point fixed at 0 when True.
+        strategy: "tensor" | "channel" (one scale per output row) | "group" (per row and
+            ``group_size`` consecutive inputs) | "token" (activations: per row of the last dim).
+        group_size: required for (and only for) "group"; must divide the input dimension.
+        dynamic: scales computed on the fly from each tensor (activations); "token" requires it.
+    """
+
+    num_bits: int = 4
+    symmetric: bool = True
+    strategy: str = "channel"
+    group_size: int | None = None
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_bits, bool) or int(self.num_bits) != self.num_bits or not 2 <= self.num_bits <= 8:
+            raise ValueError(f"num_bits must be an integer in 2..8; got {self.num_bits!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        if self.strategy == "group":
+            if self.group_size is None or int(self.group_size) != self.group_size or self.group_size < 1:
+                raise ValueError(f"group_size must be a positive integer for strategy 'group'; got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size is only allowed with strategy 'group'; got strategy {self.strategy!r}")
+        if self.strategy == "token" and not self.dynamic:
+            raise ValueError("strategy 'token' needs dynamic=True (per-token scales exist only at run time)")
+
+    @property
+    def q_min(self) -> int:
+        return -(2 ** (self.num_bits - 1))
+
+    @property
+    def q_max(self) -> int:
+        return 2 ** (self.num_bits - 1) - 1
+
+
+def _grouped(w: Tensor, args: QuantArgs) -> Tensor:
+    """View ``w [..., cols]`` as ``[..., cols // group_size, group_size]`` for group strategy."""
+    cols = w.shape[-1]
+    if cols % args.group_size:
+        raise ValueError(f"group_size {args.group_size} must divide the input dimension {cols}")
+    return w.unflatten(-1, (cols // args.group_size, args.group_size))
+
+
+def observe_min_max(w: Tensor, args: QuantArgs) -> tuple[Tensor, Tensor]:
+    """Per-strategy minima and maxima of ``w`` (shapes as the scale's, see the module docstring)."""
+    if args.strategy == "tensor":
+        lo, hi = torch.aminmax(w)
+        return lo.reshape(1), hi.reshape(1)
+    if args.strategy == "group":
+        g = _grouped(w, args)
+        return g.amin(dim=-1), g.amax(dim=-1)
+    # channel (a weight's rows) and token (an activation's rows) both reduce over the last dim.
+    return w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+
+
+def qparams_from_min_max(lo: Tensor, hi: Tensor, args: QuantArgs) -> tuple[Tensor, Tensor]:
+    """Scale (dtype of ``lo``) and int8 zero point for observed minima/maxima of the same shape."""
+    lo = torch.minimum(lo, torch.zeros_like(lo))  # 0 must be representable
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    q_range = float(args.q_max - args.q_min)
+    if args.symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / (q_range / 2)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / q_range
+        zero = (args.q_min - lo / scale).clamp(args.q_min, args.q_max)
+    eps = torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype, device=scale.device)
+    scale = torch.where(scale == 0, eps, scale)
+    # An all-zero group gives 0/0 = NaN above; casting NaN to int is undefined, so pin it to 0
+    # (what compressed-tensors' int8 cast of its NaN gave in tests/test_quantization.py on CPU).
+    zero = torch.nan_to_num(zero, nan=0.0).clamp(-128, 127).round().to(torch.int8)
+    return scale, zero
+
+
+def quantization_params(w: Tensor, args: QuantArgs) -> tuple[Tensor, Tensor]:
+    """Min/max scale and zero point for ``w`` (weights ``[rows, cols]``, activations ``[..., features]``).
+
+    Returns ``(scale, zero_point)``: scale in ``w.dtype``, zero point int8, shaped per strategy
+    (module docstring). Computed without gradient.
+    """
+    if not w.is_floating_point():
+        raise ValueError(f"w must be a float tensor; got {w.dtype}")
+    with torch.no_grad():
+        lo, hi = observe_min_max(w.detach(), args)
+        return qparams_from_min_max(lo, hi, args)
+
+
+def _expand(t: Tensor, w: Tensor, args: QuantArgs) -> Tensor:
+    """Broadcast a per-strategy ``scale``/``zero_point`` against the (grouped) view of ``w``."""
+    if args.strategy == "group":
+        return t.unsqueeze(-1)
+    return t
+
+
+def _check_params(scale: Tensor | None, zero_point: Tensor | None) -> None:
+    if (scale is None) != (zero_point is None):
+        raise ValueError("pass both scale and zero_point, or neither")
+
+
+def quantize(w: Tensor, args: QuantArgs, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """Integer codes of ``w``: int8 tensor of ``w``'s shape with values in ``[q_min, q_max]``."""
+    view = _grouped(w, args) if args.strategy == "group" else w
+    s = _expand(scale, w, args)
+    z = _expand(zero_point, w, args).to(w.dtype)
+    q = (view / s + z).clamp(args.q_min, args.q_max).round()
+    return q.reshape(w.shape).to(torch.int8)
+
+
+def dequantize(q: Tensor, args: QuantArgs, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """Float values ``(q - zero_point) * scale`` in ``scale.dtype``, shaped like ``q``."""
+    view = _grouped(q, args) if args.strategy == "group" else q
+    s = _expand(scale, q, args)
+    z = _expand(zero_point, q, args).to(scale.dtype)
+    return ((view.to(scale.dtype) - z) * s).reshape(q.shape)
+
+
+def _qdq(w: Tensor, args: QuantArgs, scale: Tensor, zero_point: Tensor) -> Tensor:
+    # Kept in float (no int8 round trip) exactly like compressed-tensors' fused _quantize_dequantize.
+    view = _grouped(w, args) if args.strategy == "group" else w
+    s = _expand(scale, w, args).to(w.dtype)
+    z = _expand(zero_point, w, args).to(w.dtype)
+    q = (view / s + z).clamp(args.q_min, args.q_max).round()
+    return ((q - z) * s).reshape(w.shape)
+
+
+def fake_quantize(
+    w: Tensor, args: QuantArgs, scale: Tensor | None = None, zero_point: Tensor | None = None
+) -> Tensor:
+    """Quantize-dequantize ``w``; same shape and dtype.
+
+    Scale and zero point are computed from ``w`` (min/max) when not given. The backward pass is
+    the straight-through estimator: ``d out / d w = 1`` everywhere (clipped values included), and
+    no gradient flows into the scale, so a rotation ``R`` can be learned through
+    ``fake_quantize(W @ R)``.
+    """
+    _check_params(scale, zero_point)
+    if scale is None:
+        scale, zero_point = quantization_params(w, args)
+    with torch.no_grad():
+        out = _qdq(w.detach(), args, scale.detach(), zero_point)
+    if not w.requires_grad:
+        return out
+    return w + (out - w).detach()
+
+
+def fake_quantize_activations(x: Tensor, args: QuantArgs) -> Tensor:
+    """Dynamic fake quantization of activations ``x [..., features]`` (straight-through gradient).
+
+    "token": one scale per row of the last dim (per token); "tensor": one for all of ``x``;
+    "group": per token and ``group_size`` consecutive features. Scales are recomputed per call.
+    """
+    if args.strategy == "channel":
+        raise ValueError("activations are quantized per 'token', 'tensor' or 'group', not 'channel'")
+    return fake_quantize(x, args)
