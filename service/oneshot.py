@@ -236,11 +236,19 @@ def oneshot(
 
 
 class StreamedBlocks:
-    """Block weights read from the source checkpoint onto the device, written to an output shard, then freed."""
+    """Block weights read from the source checkpoint onto the device, written to an output shard, then freed.
 
-    def __init__(self, source: StreamedModel, writer: ShardWriter | None):
+    With ``quantized_format``, every quantized Linear is written in the compressed-tensors layout (packed
+    integers, scales, zero points) instead of its fake-quantized weight, and its scheme is kept (``quantized``,
+    by module name) for config.json's ``quantization_config``; the other Linears are listed in ``unquantized``.
+    """
+
+    def __init__(self, source: StreamedModel, writer: ShardWriter | None, *, quantized_format: bool = False):
         self.source = source
         self.writer = writer
+        self.quantized_format = quantized_format
+        self.quantized: dict[str, nn.Module] = {}
+        self.unquantized: list[str] = []
 
     def load(self, index, name, block, device):
         self.source.load(self.source.parameter_names(name), device)
@@ -248,14 +256,33 @@ class StreamedBlocks:
     def store(self, index, name, block, *, changed):
         names = self.source.parameter_names(name)
         if self.writer is not None:
-            self.writer.write(index + 1, {n: self.source.model.get_parameter(n) for n in names})
+            tensors = {n: self.source.model.get_parameter(n) for n in names}
+            if self.quantized_format:
+                tensors = self._compressed(name, block, tensors)
+            self.writer.write(index + 1, tensors)
         self.source.release(names)
+
+    def _compressed(self, name: str, block: nn.Module, tensors: dict) -> dict:
+        from service.quantized_export import compress_quantized_tensors, is_quantized, scheme_carrier
+        from service.targets import COMPRESSIBLE
+
+        for sub, module in block.named_modules(prefix=name):
+            if is_quantized(module):
+                for param in ("weight", "bias"):
+                    tensors.pop(f"{sub}.{param}", None)
+                tensors.update(compress_quantized_tensors(sub, module))
+                self.quantized[sub] = scheme_carrier(module)
+            elif isinstance(module, COMPRESSIBLE):
+                self.unquantized.append(sub)
+        return tensors
 
 
 def _stream_stage(
     source_dir: Path, target_dir: Path, modifiers, tokens, device, *, mode, trust_remote_code, batch_size,
-    report: ReportBuilder, on_shard: Callable[[Path, str], None] | None = None,
-) -> None:
+    report: ReportBuilder, on_shard: Callable[[Path, str], None] | None = None, quantized_format: bool = False,
+) -> dict | None:
+    """One recipe stage from the checkpoint in ``source_dir`` to shards in ``target_dir``; the
+    ``quantization_config`` for config.json when ``quantized_format`` and something was quantized."""
     source = StreamedModel(source_dir, trust_remote_code=trust_remote_code)
     model = source.model
     block_names = [name for name, _ in stage_blocks(model, modifiers)]
@@ -268,9 +295,22 @@ def _stream_stage(
         source.release(outside)  # not needed while the blocks stream
 
     batches = token_batches(tokens, batch_size) if tokens is not None else None
-    run_stage(model, modifiers, batches, StreamedBlocks(source, writer), device, mode=mode, report=report,
+    store = StreamedBlocks(source, writer, quantized_format=quantized_format)
+    run_stage(model, modifiers, batches, store, device, mode=mode, report=report,
               before_blocks=write_outside, probe_store=StreamedBlocks(source, None))
     writer.finish()
+    if not store.quantized:
+        return None
+    from service.quantized_export import quantization_config
+    from service.targets import COMPRESSIBLE
+
+    heads = [n for n, m in model.named_modules()
+             if isinstance(m, COMPRESSIBLE) and not any(n.startswith(b + ".") for b in block_names)]
+    config = quantization_config(list(store.quantized.items()), ignore=[*heads, *store.unquantized])
+    groups = config["config_groups"]
+    if len(groups) == 1 and not store.unquantized:  # one scheme on every block Linear: say so, not 100 names
+        next(iter(groups.values()))["targets"] = ["Linear"]
+    return config
 
 
 @dataclass
@@ -327,6 +367,13 @@ def compress_checkpoint(
             raise ValueError("dataset: this recipe calibrates on data; give --dataset")
         tokens = calibration_tokens(dataset, tokenizer, num_samples, seq_len, seed=seed, sampling=sampling)
 
+    for stage in recipe.stages[:-1]:
+        quantizers = [type(m).__name__ for m in stage.modifiers if _quantizes(m)]
+        if quantizers:
+            raise ValueError(f"recipe: {', '.join(quantizers)} in stage {stage.name!r} must be in the last stage: "
+                             "a quantized checkpoint is the final format")
+
+    quant_config = None
     with AtomicDirectory(output, overwrite=overwrite) as out:
         source_dir = _safetensors_source(model_dir, out.tmp, allow_pickle, trust_remote_code)
         parts: list[ReportBuilder] = []
@@ -334,9 +381,9 @@ def compress_checkpoint(
             last = k == len(recipe.stages) - 1
             target = out.tmp if last else out.tmp / f".stage-{k}"
             part = ReportBuilder(progress, stage="compressing")
-            _stream_stage(source_dir, target, stage.modifiers, tokens, device, mode=pipeline,
-                          trust_remote_code=trust_remote_code, batch_size=batch_size, report=part,
-                          on_shard=on_shard if last else None)
+            quant_config = _stream_stage(source_dir, target, stage.modifiers, tokens, device, mode=pipeline,
+                                         trust_remote_code=trust_remote_code, batch_size=batch_size, report=part,
+                                         on_shard=on_shard if last else None, quantized_format=last)
             if source_dir.parent == out.tmp and source_dir.name.startswith(".stage-"):
                 shutil.rmtree(source_dir)
             if not last:
@@ -353,7 +400,10 @@ def compress_checkpoint(
             },
             pipeline=pipeline, device=str(device),
         )
-        _finish_directory(model_dir, out.tmp, {"sparsity_config": sparsity_config(report, recipe.modifiers())})
+        extra_config = {"sparsity_config": sparsity_config(report, recipe.modifiers())}
+        if quant_config is not None:
+            extra_config["quantization_config"] = quant_config
+        _finish_directory(model_dir, out.tmp, extra_config)
         (out.tmp / "recipe.yaml").write_text(recipe.to_yaml())
         if evals:
             progress({"stage": "evaluating", "fraction": 1.0})
@@ -364,6 +414,12 @@ def compress_checkpoint(
         progress({"stage": "publishing", "fraction": 1.0})
         report["output"] = str(out.publish())
     return report
+
+
+def _quantizes(modifier) -> bool:
+    from service.quantization_modifiers import QuantizationModifierBase
+
+    return isinstance(modifier, QuantizationModifierBase)
 
 
 def _safetensors_source(model_dir: Path, workdir: Path, allow_pickle: bool, trust_remote_code: bool) -> Path:
@@ -407,16 +463,29 @@ def load_dense(model_dir: Path, device: torch.device, trust_remote_code: bool = 
 def evaluate_pair(before_dir: Path, after_dir: Path, tokenizer, evals: Sequence[EvalSet], seq_len: int,
                   device: torch.device, trust_remote_code: bool = False) -> dict:
     """Perplexity of the dense and the compressed model on each evaluation text, each streamed block by block
-    (evaluation needs no more memory than compression)."""
-    from service.perplexity import perplexity_streamed
+    (evaluation needs no more memory than compression). A quantized (compressed-tensors) output is decompressed
+    whole by the library instead, so that one needs the dense model's memory."""
+    import json
+
+    from service.perplexity import perplexity, perplexity_streamed
     from service.text_data import read_texts, tokenize
 
+    quantized = "quantization_config" in json.loads((Path(after_dir) / "config.json").read_text())
+    decompressed = None
+    if quantized:
+        from service.quantized_export import load_quantized
+
+        decompressed = load_quantized(after_dir).to(device).eval()
     results: dict[str, dict] = {}
     for e in evals:
         ids = tokenize(tokenizer, read_texts(e.source), max_tokens=e.max_tokens)
         entry = results[e.name] = {"source": str(e.source), "tokens": int(len(ids))}
-        for label, directory in (("before", before_dir), ("after", after_dir)):
-            entry[label] = perplexity_streamed(directory, ids, seq_len=seq_len, device=device,
-                                               trust_remote_code=trust_remote_code).ppl
+        entry["before"] = perplexity_streamed(before_dir, ids, seq_len=seq_len, device=device,
+                                              trust_remote_code=trust_remote_code).ppl
+        if decompressed is not None:
+            entry["after"] = perplexity(decompressed, ids, seq_len=seq_len, device=device).ppl
+        else:
+            entry["after"] = perplexity_streamed(after_dir, ids, seq_len=seq_len, device=device,
+                                                 trust_remote_code=trust_remote_code).ppl
         entry["ratio"] = entry["after"] / entry["before"]
     return results

@@ -26,7 +26,7 @@ from service.quantization import QuantArgs
 from service.targets import COMPRESSIBLE, Conv1D
 
 __all__ = ["compress_quantized_tensors", "is_quantized", "quantization_config", "quantization_scheme",
-           "save_quantized"]
+           "save_quantized", "scheme_carrier"]
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -84,6 +84,16 @@ def compress_quantized_tensors(prefix: str, module: nn.Module) -> dict[str, torc
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     out = compressor.compress(state, scheme)
     return {f"{prefix}.{name}" if prefix else name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def scheme_carrier(module: nn.Module) -> nn.Module:
+    """A weightless stand-in that carries ``module``'s quantization scheme, so a streaming writer can free the
+    module's weights and still build ``quantization_config`` at the end."""
+    carrier = nn.Module()
+    carrier.quantization_args = module.quantization_args
+    carrier.input_quantization_args = getattr(module, "input_quantization_args", None)
+    carrier.weight_scale = None  # is_quantized() asks for the attribute, not its value
+    return carrier
 
 
 def _scheme_key(module: nn.Module) -> tuple:
