@@ -28,6 +28,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from api import schemas
+from api.dashboard import mount_dashboard
 from api.metrics import metrics_registry
 from service import pruning_modifiers  # noqa: F401  (registers the modifiers that recipes name, for validation)
 from service.api_keys import KeyInfo, KeyRing
@@ -161,11 +162,13 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await run_in_threadpool(dispatcher.start)
+        # On the server's own thread, not the thread pool: a local Ray's processes die with the thread that
+        # started them (Linux's parent-death signal is per thread), and the pool ends idle threads after 10 s.
+        dispatcher.start()
         try:
             yield
         finally:
-            await run_in_threadpool(dispatcher.stop)
+            dispatcher.stop()
 
     app = FastAPI(
         title="llmpress job API", version=API_VERSION, description=DESCRIPTION, openapi_tags=TAGS,
@@ -188,6 +191,7 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
         return key
 
     Caller = Annotated[KeyInfo, Depends(caller)]
+    app.state.caller = caller  # the dashboard's authenticated routes use the same dependency
     JobId = Annotated[str, Path(description="The job's id.", examples=["k3v9x0q2m1ab"], max_length=32)]
 
     def visible_job(job_id: str, key: KeyInfo) -> Job:
@@ -387,6 +391,7 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
 
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    mount_dashboard(app)  # the web UI at / (api/dashboard.py), with its own Content-Security-Policy
     return app
 
 

@@ -30,6 +30,12 @@ if [ "${1:-}" = "--test" ]; then
     { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } \
       || echo "setup: warning: could not install PostgreSQL; its tests will be skipped"
   fi
+  # The dashboard's browser tests drive Debian's Chromium with Playwright (never `playwright install`'s download).
+  if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+      || echo "setup: warning: could not install Chromium; the dashboard's browser tests will be skipped"
+  fi
 fi
 "$PY" -m pip install --quiet -e ".$extras"
 # pyenv only puts new console scripts (llmpress) on PATH after a rehash.
