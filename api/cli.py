@@ -110,11 +110,21 @@ def _serve(args) -> int:
     from api.app import build_app
     from service.settings import get_settings
 
+    import ray
+
+    from workers.dispatch import connect_ray
+
     settings = get_settings()
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=updates)
     Path(settings.artifacts_root).mkdir(parents=True, exist_ok=True)
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # Ray from the main thread and before uvicorn: uvicorn then installs its own SIGTERM/SIGINT handlers over
+    # Ray's (which would exit at once), so a stop signal shuts the API down gracefully.
+    connect_ray(settings)
+    try:
+        uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
+    finally:
+        ray.shutdown()
     return 0
 
 

@@ -78,8 +78,8 @@ class Serve:
         return Path(self.log.name).read_text(errors="replace")[-3000:]
 
     def stop(self) -> bool:
-        """SIGTERM, as a process manager stops the API; whether it shut down cleanly (uvicorn re-raises the
-        signal once its graceful shutdown is done, so the exit status is -SIGTERM either way)."""
+        """SIGTERM, as a process manager stops the API; whether it shut down cleanly. uvicorn re-raises the signal
+        once its graceful shutdown is done, into Ray's handler, which exits with status 15 (SIGTERM's number)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -88,7 +88,8 @@ class Serve:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
-        return self.proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in self.output()
+        return self.proc.returncode in (0, signal.SIGTERM, -signal.SIGTERM) and \
+            "Application shutdown complete" in self.output()
 
 
 def get_job(url: str, job_id: str) -> dict:
