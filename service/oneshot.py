@@ -213,7 +213,7 @@ def oneshot(
     device = execution_device(device)
     if batches is not None:
         batches = list(batches)
-    parts = []
+    parts, transforms = [], []
     # Calibrate in eval mode (dropout would add noise to the Hessians), then give back each module's mode.
     training = {m: m.training for m in model.modules()}
     model.eval()
@@ -222,6 +222,8 @@ def oneshot(
             for modifier in stage.modifiers:
                 if keep_masks and hasattr(modifier, "keep_masks"):
                     modifier.keep_masks()
+                if hasattr(modifier, "prepare_model"):  # SpinQuantModifier: rotate before the stage calibrates
+                    transforms.append(modifier.prepare_model(model, batches, quant_args=_weight_args(stage.modifiers)))
             parts.append(run_stage(model, stage.modifiers, batches, InMemoryBlocks(), device, mode=pipeline,
                                    report=ReportBuilder(on_progress, stage.name)))
     finally:
@@ -229,7 +231,17 @@ def oneshot(
             module.training = mode
     report = merge_reports(parts)
     report["recipe"] = recipe_summary(recipe)
+    if transforms:
+        report["transforms"] = transforms
     return report
+
+
+def _weight_args(modifiers):
+    """The weight quantization of a stage's first quantization modifier (what learned rotations optimise for)."""
+    for modifier in modifiers:
+        if _quantizes(modifier) and modifier.groups and modifier.groups[0].weights is not None:
+            return modifier.groups[0].weights
+    return None
 
 
 # ------------------------------------------------------------------------------------------- streamed checkpoints
@@ -243,15 +255,21 @@ class StreamedBlocks:
     by module name) for config.json's ``quantization_config``; the other Linears are listed in ``unquantized``.
     """
 
-    def __init__(self, source: StreamedModel, writer: ShardWriter | None, *, quantized_format: bool = False):
+    def __init__(self, source: StreamedModel, writer: ShardWriter | None, *, quantized_format: bool = False,
+                 rotation=None):
         self.source = source
         self.writer = writer
         self.quantized_format = quantized_format
+        self.rotation = rotation  # a SpinQuantPlan: each block is rotated as it is loaded
         self.quantized: dict[str, nn.Module] = {}
         self.unquantized: list[str] = []
 
     def load(self, index, name, block, device):
         self.source.load(self.source.parameter_names(name), device)
+        if self.rotation is not None:
+            from service.spinquant import rotate_block
+
+            rotate_block(block, name, index, self.rotation)
 
     def store(self, index, name, block, *, changed):
         names = self.source.parameter_names(name)
@@ -281,26 +299,37 @@ def _stream_stage(
     source_dir: Path, target_dir: Path, modifiers, tokens, device, *, mode, trust_remote_code, batch_size,
     report: ReportBuilder, on_shard: Callable[[Path, str], None] | None = None, quantized_format: bool = False,
 ) -> dict | None:
-    """One recipe stage from the checkpoint in ``source_dir`` to shards in ``target_dir``; the
-    ``quantization_config`` for config.json when ``quantized_format`` and something was quantized."""
+    """One recipe stage from the checkpoint in ``source_dir`` to shards in ``target_dir``; what config.json must
+    change: ``quantization_config`` (with ``quantized_format``, when something was quantized),
+    ``tie_word_embeddings`` (when a rotation untied the head)."""
     source = StreamedModel(source_dir, trust_remote_code=trust_remote_code)
     model = source.model
     block_names = [name for name, _ in stage_blocks(model, modifiers)]
     outside = [n for n in source.keys if not any(n.startswith(b + ".") for b in block_names)]
     writer = ShardWriter(target_dir, num_shards=len(block_names) + 1, on_written=on_shard)
     source.load(outside, "cpu")  # embeddings, final norm, head: needed to capture the first block's inputs
+    config_changes: dict = {}
+    rotation = _streaming_rotation(model, modifiers)
+    untied: list[str] = []
+    if rotation is not None:
+        from service.spinquant import rotate_outside
+
+        if rotate_outside(model, rotation)["untied"]:
+            untied, source.tied = list(source.tied), {}  # the head has its own weight now: never re-tie it
+            config_changes["tie_word_embeddings"] = False
 
     def write_outside(blocks) -> None:
-        writer.write(0, {n: model.get_parameter(n) for n in outside if n not in source.tied})
-        source.release(outside)  # not needed while the blocks stream
+        names = [*outside, *untied]
+        writer.write(0, {n: model.get_parameter(n) for n in names if n not in source.tied})
+        source.release(names)  # not needed while the blocks stream
 
     batches = token_batches(tokens, batch_size) if tokens is not None else None
-    store = StreamedBlocks(source, writer, quantized_format=quantized_format)
+    store = StreamedBlocks(source, writer, quantized_format=quantized_format, rotation=rotation)
     run_stage(model, modifiers, batches, store, device, mode=mode, report=report,
-              before_blocks=write_outside, probe_store=StreamedBlocks(source, None))
+              before_blocks=write_outside, probe_store=StreamedBlocks(source, None, rotation=rotation))
     writer.finish()
     if not store.quantized:
-        return None
+        return config_changes
     from service.quantized_export import quantization_config
     from service.targets import COMPRESSIBLE
 
@@ -310,7 +339,33 @@ def _stream_stage(
     groups = config["config_groups"]
     if len(groups) == 1 and not store.unquantized:  # one scheme on every block Linear: say so, not 100 names
         next(iter(groups.values()))["targets"] = ["Linear"]
-    return config
+    return {**config_changes, "quantization_config": config}
+
+
+def _streaming_rotation(model: nn.Module, modifiers):
+    """The SpinQuantPlan of the stage's SpinQuantModifier, if any, for rotating block by block as they stream.
+
+    Streaming fuses R1 and R2 into the weights (an ordinary checkpoint). Learned rotations need the whole model at
+    once, and R3/R4 are online transforms the streamed evaluator does not run: both go through the library's
+    ``oneshot`` on an in-memory model.
+    """
+    from service.spinquant import SpinQuantModifier, infer_mappings, spinquant_plan
+
+    spin = [m for m in modifiers if isinstance(m, SpinQuantModifier)]
+    if not spin:
+        return None
+    if len(spin) > 1:
+        raise ValueError("recipe: one SpinQuantModifier per stage")
+    modifier = spin[0]
+    if modifier.learnable:
+        raise ValueError("SpinQuantModifier.learnable: learning rotations needs the whole model in memory; the "
+                         "streaming path (CLI, job service) takes fixed rotations: use service.oneshot.oneshot")
+    online = sorted(set(modifier.rotations) & {"R3", "R4"})
+    if online:
+        raise ValueError(f"SpinQuantModifier.rotations: {', '.join(online)} are online transforms; the streaming "
+                         "path (CLI, job service) fuses R1 and R2 only: use service.oneshot.oneshot for R3/R4")
+    mapping, norms = infer_mappings(model)
+    return spinquant_plan(model.config, modifier, modifier.mappings or mapping, modifier.norm_mappings or norms)
 
 
 @dataclass
@@ -373,7 +428,7 @@ def compress_checkpoint(
             raise ValueError(f"recipe: {', '.join(quantizers)} in stage {stage.name!r} must be in the last stage: "
                              "a quantized checkpoint is the final format")
 
-    quant_config = None
+    config_changes: dict = {}
     with AtomicDirectory(output, overwrite=overwrite) as out:
         source_dir = _safetensors_source(model_dir, out.tmp, allow_pickle, trust_remote_code)
         parts: list[ReportBuilder] = []
@@ -381,13 +436,14 @@ def compress_checkpoint(
             last = k == len(recipe.stages) - 1
             target = out.tmp if last else out.tmp / f".stage-{k}"
             part = ReportBuilder(progress, stage="compressing")
-            quant_config = _stream_stage(source_dir, target, stage.modifiers, tokens, device, mode=pipeline,
-                                         trust_remote_code=trust_remote_code, batch_size=batch_size, report=part,
-                                         on_shard=on_shard if last else None, quantized_format=last)
+            changes = _stream_stage(source_dir, target, stage.modifiers, tokens, device, mode=pipeline,
+                                    trust_remote_code=trust_remote_code, batch_size=batch_size, report=part,
+                                    on_shard=on_shard if last else None, quantized_format=last)
+            config_changes.update(changes)
             if source_dir.parent == out.tmp and source_dir.name.startswith(".stage-"):
                 shutil.rmtree(source_dir)
             if not last:
-                _finish_directory(model_dir, target, extra_config={})
+                _finish_directory(model_dir, target, extra_config=config_changes)
             source_dir = target
             parts.append(part)
         report = merge_reports(parts)
@@ -400,10 +456,8 @@ def compress_checkpoint(
             },
             pipeline=pipeline, device=str(device),
         )
-        extra_config = {"sparsity_config": sparsity_config(report, recipe.modifiers())}
-        if quant_config is not None:
-            extra_config["quantization_config"] = quant_config
-        _finish_directory(model_dir, out.tmp, extra_config)
+        _finish_directory(model_dir, out.tmp,
+                          {**config_changes, "sparsity_config": sparsity_config(report, recipe.modifiers())})
         (out.tmp / "recipe.yaml").write_text(recipe.to_yaml())
         if evals:
             progress({"stage": "evaluating", "fraction": 1.0})

@@ -76,3 +76,49 @@ def test_quantization_in_an_early_stage_is_refused(tmp_path):
     with pytest.raises(ValueError, match="must be in the last stage"):
         compress_checkpoint(STORIES, recipe, tmp_path / "out", dataset=CALIB, num_samples=4, seq_len=32)
     assert not (tmp_path / "out").exists()
+
+
+ROTATE_RTN = """
+quantization_stage:
+  quantization_modifiers:
+    SpinQuantModifier: {rotations: [R1, R2], transform_type: hadamard}
+    QuantizationModifier:
+      targets: [Linear]
+      ignore: [lm_head]
+      config_groups:
+        group_0: {targets: [Linear], weights: {num_bits: 4, type: int, symmetric: true, strategy: channel}}
+"""
+ROTATE_ONLY = """
+rotation_stage:
+  rotation_modifiers:
+    SpinQuantModifier: {rotations: [R1, R2], transform_type: random-hadamard}
+"""
+
+
+def test_streamed_rotation_is_exact_and_streamed_rotate_quantize_equals_oneshot(tmp_path):
+    tokenizer = load_tokenizer(STORIES)
+    probe = calibration_tokens(TINY, tokenizer, 1, 256)
+    dense = load(STORIES)
+    compress_checkpoint(STORIES, ROTATE_ONLY, tmp_path / "rotated", device="cpu")
+    config = json.loads((tmp_path / "rotated" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "quantization_config" not in config
+    rotated = load(tmp_path / "rotated")
+    with torch.no_grad():
+        assert (rotated(probe).logits - dense(probe).logits).abs().max() < 1e-3
+        assert not torch.allclose(rotated.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+
+    compress_checkpoint(STORIES, ROTATE_RTN, tmp_path / "w4", device="cpu")
+    streamed = load(tmp_path / "w4")
+    in_memory = load(STORIES)
+    oneshot(in_memory, ROTATE_RTN, device="cpu")
+    with torch.no_grad():
+        assert (streamed(probe).logits - in_memory(probe).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("args, field", [("{rotations: [R1, R4]}", "R4"), ("{rotations: [R1], learnable: true}",
+                                                                          "learnable")])
+def test_streaming_refuses_online_and_learned_rotations_with_a_clear_error(tmp_path, args, field):
+    recipe = f"rotation_stage:\n  rotation_modifiers:\n    SpinQuantModifier: {args}\n"
+    with pytest.raises(ValueError, match=f"SpinQuantModifier.*{field}.*oneshot"):
+        compress_checkpoint(STORIES, recipe, tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,132 @@
+"""Quality of SpinQuant rotations on stories260K: perplexity with and without rotations under quantization.
+
+Protocol as tests/test_quality_stories.py: WikiText-2 test (first 40,960 tokens) and the whole TinyStories subset,
+non-overlapping 512-token windows; calibration (for learned rotations) is 128 x 256 tokens from the start of
+wikitext-2 valid. Rows:
+
+    dense                     the model as shipped
+    R1+R2                     Hadamard rotations alone (must equal dense)
+    W4 RTN                    4-bit symmetric per-channel round-to-nearest of every decoder Linear
+    R1+R2 + W4 RTN            the same after Hadamard R1+R2
+    learned R1+R2 + W4 RTN    R1/R2 learned with Cayley SGD on the W4 loss, from the Hadamard start
+    W4A8 / W4A4               + dynamic per-token 8/4-bit activations on every decoder Linear's input,
+                              without rotations vs with R1-R4 (R4 rotates down_proj's input before quantizing)
+
+RTN is ``service.quantization.fake_quantize`` applied to each weight (lm_head and embeddings stay in float);
+activation quantization is ``service.quantization_modifiers.attach_activation_quantization``.
+Reference (llm-compressor 0.14, WikiText-2 / TinyStories): W4 RTN 243.4 / 6.368; its R1+R2 + W4 219.0 / 6.908.
+
+    python3 bench/quality_rotations.py [--steps 40 --lr 0.005 --threads 2 --json out.json]
+"""
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from service.calibration_data import calibration_tokens  # noqa: E402
+from service.oneshot import token_batches  # noqa: E402
+from service.perplexity import perplexity  # noqa: E402
+from service.quantization import QuantArgs, fake_quantize  # noqa: E402
+from service.quantization_modifiers import attach_activation_quantization  # noqa: E402
+from service.spinquant import SpinQuantModifier, apply_spinquant  # noqa: E402
+from service.text_data import load_tokenizer, read_texts, tokenize  # noqa: E402
+
+FIXTURES = REPO / "tests/fixtures"
+STORIES = FIXTURES / "models/stories260K"
+W4 = QuantArgs(num_bits=4, symmetric=True, strategy="channel")
+
+
+@torch.no_grad()
+def rtn(model, args: QuantArgs = W4) -> None:
+    """Round-to-nearest fake quantization of every decoder-layer Linear, in place."""
+    for layer in model.model.layers:
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(fake_quantize(module.weight, args))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=0.005)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(STORIES)
+    evals = {
+        "wikitext": tokenize(tok, read_texts(FIXTURES / "data/wikitext-2/test.txt"), max_tokens=40960),
+        "tinystories": tokenize(tok, read_texts(FIXTURES / "data/tinystories/valid-subset.txt")),
+    }
+    batches = token_batches(calibration_tokens(FIXTURES / "data/wikitext-2/valid.txt", tok, 128, 256))
+    dense = AutoModelForCausalLM.from_pretrained(str(STORIES)).eval()
+    rows: dict[str, dict] = {}
+
+    def score(name: str, model, extra=None) -> None:
+        started = time.perf_counter()
+        rows[name] = {k: perplexity(model, ids, seq_len=512).ppl for k, ids in evals.items()} | (extra or {})
+        print(f"{name:<28}{rows[name]['wikitext']:>10.2f}{rows[name]['tinystories']:>12.3f}"
+              f"   ({time.perf_counter() - started:.1f} s eval)", flush=True)
+
+    print(f"{'model':<28}{'WikiText-2':>10}{'TinyStories':>12}")
+    score("dense", dense)
+
+    def rotated(**kw):
+        model = copy.deepcopy(dense)
+        report = apply_spinquant(model, SpinQuantModifier(**kw), batches if kw.get("learnable") else None,
+                                 quant_args=W4 if kw.get("learnable") else None)
+        return model, report
+
+    model, _ = rotated(rotations=["R1", "R2"])
+    score("R1+R2 (hadamard)", model)
+
+    model = copy.deepcopy(dense)
+    rtn(model)
+    score("W4 RTN", model)
+
+    model, _ = rotated(rotations=["R1", "R2"])
+    rtn(model)
+    score("R1+R2 + W4 RTN", model)
+
+    model, _ = rotated(rotations=["R1", "R2"], transform_type="random-hadamard")
+    rtn(model)
+    score("R1+R2 (rand-had) + W4 RTN", model)
+
+    started = time.perf_counter()
+    model, report = rotated(rotations=["R1", "R2"], learnable=True, steps=a.steps, learning_rate=a.lr)
+    learned = report["learned"]
+    print(f"  learned: {a.steps} steps, lr {a.lr}, {time.perf_counter() - started:.1f} s; calibration loss "
+          f"{learned['initial_loss']:.4f} -> {learned['final_loss']:.4f} (W4 next-token loss, first 4 batches)")
+    rtn(model)
+    score("learned R1+R2 + W4 RTN", model, {"learn_seconds": learned["seconds"]})
+
+    for bits in (8, 4):
+        act = QuantArgs(num_bits=bits, symmetric=True, strategy="token", dynamic=True)
+        model = copy.deepcopy(dense)
+        rtn(model)
+        handles = attach_activation_quantization(model, act)
+        score(f"W4A{bits}", model)
+        for h in handles:
+            h.remove()
+        model, _ = rotated(rotations=["R1", "R2", "R3", "R4"])
+        rtn(model)
+        attach_activation_quantization(model, act)
+        score(f"R1-R4 + W4A{bits}", model)
+
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""service/spinquant.py: SpinQuant rotations preserve the model exactly; mappings, errors, learned rotations."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers as t
+
+from service import rotations as rot
+from service import spinquant as sq
+from service.perplexity import perplexity
+from service.recipe import RecipeError, load_recipe
+from service.text_data import load_tokenizer, read_texts, tokenize
+from tests.tiny_models import FIXTURES, STORIES, WIKI_VALID
+
+TINYSTORIES = FIXTURES / "data" / "tinystories" / "valid-subset.txt"
+ALL = ["R1", "R2", "R3", "R4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    tok = load_tokenizer(STORIES)
+    ids = tokenize(tok, read_texts(TINYSTORIES))
+    model = t.AutoModelForCausalLM.from_pretrained(str(STORIES)).eval()
+    return model, ids[:256][None], ids[:2048]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def build(config, seed=0):
+    torch.manual_seed(seed)
+    model = t.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random norm scales and biases, so norm fusion and bias rotation are exercised
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model
+
+
+TINY = {
+    # power-of-two sizes
+    "llama-pow2": lambda: t.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    # hidden 48 = 12 * 4, head_dim 12, intermediate 80 = 20 * 4: Hadamard orders that are not powers of two
+    "llama-non-pow2": lambda: t.LlamaConfig(vocab_size=512, hidden_size=48, intermediate_size=80,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=128, tie_word_embeddings=True),
+    "mistral": lambda: t.MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       sliding_window=16),
+    "qwen2": lambda: t.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    "qwen3": lambda: t.Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=128),
+}
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("rotations", [["R1", "R2"], ALL])
+@pytest.mark.parametrize("kind", ["hadamard", "random-hadamard", "random-matrix"])
+def test_stories260k_function_unchanged(stories, rotations, kind):
+    dense, ids, ppl_ids = stories
+    model = copy.deepcopy(dense)
+    report = sq.apply_spinquant(model, sq.SpinQuantModifier(rotations=rotations, transform_type=kind, seed=7))
+    assert report["untied"] and report["norms_fused"] == 2 * 5 + 1
+    # the weights really moved (an identity "rotation" would pass the exactness check trivially)
+    moved = model.model.layers[0].self_attn.q_proj.weight - dense.model.layers[0].self_attn.q_proj.weight
+    assert moved.abs().max() > 0.01
+    if "R4" in rotations:
+        assert set(report["online_transforms"]) == {"R3", "R4"}  # intermediate 172 = Hadamard order 43 * 4
+        assert model.config._attn_implementation.startswith("llmpress_r3:")
+    assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3
+    before, after = perplexity(dense, ppl_ids, seq_len=256).ppl, perplexity(model, ppl_ids, seq_len=256).ppl
+    assert after == pytest.approx(before, rel=5e-5), (before, after)  # four significant digits
+
+
+@pytest.mark.parametrize("arch", list(TINY))
+def test_random_models_function_unchanged(arch):
+    dense = build(TINY[arch]())
+    ids = torch.randint(0, 512, (2, 64))
+    for rotations in (["R1", "R2"], ALL):
+        model = copy.deepcopy(dense)
+        sq.apply_spinquant(model, sq.SpinQuantModifier(rotations=rotations, transform_type="random-hadamard"))
+        assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3, (arch, rotations)
+
+
+def test_block_size_is_block_diagonal_and_exact():
+    dense = build(TINY["llama-pow2"]())
+    ids = torch.randint(0, 512, (2, 32))
+    model = copy.deepcopy(dense)
+    modifier = sq.SpinQuantModifier(rotations=ALL, transform_type="random-hadamard", transform_block_size=16)
+    plan = sq.spinquant_plan(model.config, modifier, *sq.infer_mappings(model))
+    blocks = rot.dense(plan.r1).reshape(4, 16, 4, 16)
+    for i in range(4):
+        for j in range(4):
+            assert torch.equal(blocks[i, :, j], blocks[0, :, 0]) if i == j else not blocks[i, :, j].any()
+    assert plan.r4[0].block == 16
+    sq.apply_spinquant(model, modifier)
+    assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3
+    with pytest.raises(ValueError, match="transform_block_size: 24 must divide hidden_size"):
+        sq.apply_spinquant(copy.deepcopy(dense), sq.SpinQuantModifier(transform_block_size=24))
+
+
+def test_float32_precision_is_also_close():
+    dense = build(TINY["llama-pow2"]())
+    ids = torch.randint(0, 512, (2, 32))
+    model = copy.deepcopy(dense)
+    sq.apply_spinquant(model, sq.SpinQuantModifier(rotations=ALL, precision="float32"))
+    assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3
+
+
+def test_random_hadamard_deterministic_by_seed_and_randomize_per_layer():
+    dense = build(TINY["llama-pow2"]())
+
+    def weights(**kw):
+        model = copy.deepcopy(dense)
+        sq.apply_spinquant(model, sq.SpinQuantModifier(transform_type="random-hadamard", **kw))
+        return model.state_dict()
+
+    a, b, c = weights(seed=1), weights(seed=1), weights(seed=2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.allclose(a["model.layers.0.self_attn.q_proj.weight"], c["model.layers.0.self_attn.q_proj.weight"])
+    plan = sq.spinquant_plan(dense.config, sq.SpinQuantModifier(transform_type="random-hadamard", randomize=True),
+                             *sq.infer_mappings(dense))
+    assert not torch.equal(rot.dense(plan.r2[0]), rot.dense(plan.r2[1]))
+    plan = sq.spinquant_plan(dense.config, sq.SpinQuantModifier(transform_type="random-matrix"),
+                             *sq.infer_mappings(dense))
+    assert rot_error(plan.r1) < 1e-12 and rot_error(plan.r2[0]) < 1e-12 and torch.equal(plan.r2[0], plan.r2[1])
+
+
+def rot_error(r: torch.Tensor) -> float:
+    return float((r.T @ r - torch.eye(r.shape[0], dtype=r.dtype)).abs().max())
+
+
+# ------------------------------------------------------------------------------------- mappings and errors
+
+
+def test_unsupported_architecture_is_refused():
+    from tests.tiny_models import make_model
+
+    with pytest.raises(ValueError, match="GPT2LMHeadModel; supported: LlamaForCausalLM, MistralForCausalLM, "
+                                         "Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        sq.apply_spinquant(make_model("gpt2"), sq.SpinQuantModifier())
+
+
+def test_explicit_regex_mappings():
+    dense = build(TINY["llama-pow2"]())
+    ids = torch.randint(0, 512, (2, 32))
+    mapping = sq.SpinQuantMapping(
+        embedding="model.embed_tokens", attn=r"re:model\.layers\.\d+\.self_attn$",
+        attn_q=r"re:.*\.q_proj$", attn_k="k_proj", attn_v="self_attn.v_proj", attn_o=r"re:.*o_proj",
+        mlp_in=[r"re:.*mlp\.(gate|up)_proj$"], mlp_out="down_proj", lm_head=r"re:^lm_head$",
+    )
+    norms = [
+        sq.NormMapping(norm="input_layernorm", linears=[r"re:.*self_attn\.[qkv]_proj$"]),
+        sq.NormMapping(norm="post_attention_layernorm", linears=[r"re:.*mlp\.(gate|up)_proj$"]),
+        sq.NormMapping(norm=r"re:^model\.norm$", linears="lm_head"),
+    ]
+    model = copy.deepcopy(dense)
+    modifier = sq.SpinQuantModifier(rotations=ALL, mappings=mapping, norm_mappings=norms)
+    sq.apply_spinquant(model, modifier)
+    assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3
+    bad = mapping.model_copy(update={"attn_q": r"re:.*query$"})
+    with pytest.raises(ValueError, match=r"mappings.attn_q: 're:.\*query\$' matches 0 modules"):
+        sq.apply_spinquant(copy.deepcopy(dense), sq.SpinQuantModifier(mappings=bad, norm_mappings=norms))
+
+
+def test_layernorm_models_are_refused():
+    dense = build(TINY["llama-pow2"]())
+    dense.model.norm = torch.nn.LayerNorm(64)
+    with pytest.raises(ValueError, match="model.norm is a LayerNorm; only RMSNorm"):
+        sq.apply_spinquant(dense, sq.SpinQuantModifier())
+
+
+def test_recipe_loading_and_errors_name_field():
+    recipe = load_recipe(
+        "transform_stage:\n  transform_modifiers:\n    SpinQuantModifier:\n"
+        "      rotations: [r1, R2, R4]\n      transform_type: random-hadamard\n      seed: 3\n"
+    )
+    (modifier,) = recipe.modifiers()
+    assert isinstance(modifier, sq.SpinQuantModifier) and modifier.rotations == ["R1", "R2", "R4"]
+    with pytest.raises(RecipeError, match="transform_type") as err:
+        load_recipe([{"SpinQuantModifier": {"transform_type": "givens"}}])
+    assert "hadamard" in str(err.value) and "random-matrix" in str(err.value)
+    with pytest.raises(RecipeError, match="rotations"):
+        load_recipe([{"SpinQuantModifier": {"rotations": ["R5"]}}])
+    with pytest.raises(RecipeError, match="transform_block_size"):
+        load_recipe([{"SpinQuantModifier": {"transform_block_size": 0}}])
+
+
+# --------------------------------------------------------------------------------------- save and reload
+
+
+def test_online_transforms_survive_save_and_reload(stories, tmp_path):
+    dense, ids, _ = stories
+    model = copy.deepcopy(dense)
+    modifier = sq.SpinQuantModifier(rotations=ALL, transform_type="random-hadamard")
+    report = modifier.prepare_model(model)
+    description = json.loads(json.dumps(report["online_transforms"]))  # what the checkpoint records
+    assert description == rot.online_transforms_description(model)
+    model.save_pretrained(tmp_path)
+    reloaded = t.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert (logits(reloaded, ids) - logits(dense, ids)).abs().max() > 1.0  # R4's fused inverse alone is wrong
+    rot.attach_online_transforms(reloaded, description)
+    assert (logits(reloaded, ids) - logits(dense, ids)).abs().max() <= 1e-3
+
+
+# ----------------------------------------------------------------------------------------------- learning
+
+
+def test_cayley_step_stays_orthogonal_and_descends():
+    torch.manual_seed(0)
+    target = rot.orthogonal_matrix("random-matrix", 16, seed=1)
+    x = rot.orthogonal_matrix("hadamard", 16)
+    buf = torch.zeros_like(x)
+
+    def f(m):
+        return float(((m - target) ** 2).sum())
+
+    start = f(x)
+    for _ in range(30):
+        grad = 2 * (x - target)
+        x, buf = sq.cayley_sgd_step(x, grad, buf, lr=0.05, momentum=0.5)
+    assert rot_error(x) < 1e-12
+    assert f(x) < 0.5 * start
+
+
+def test_learned_rotations_lower_quantized_loss_and_stay_exact(stories):
+    from service.calibration_data import calibration_tokens
+    from service.quantization import QuantArgs
+
+    dense, ids, _ = stories
+    tok = load_tokenizer(STORIES)
+    batches = [{"input_ids": calibration_tokens(WIKI_VALID, tok, 2, 256)}]
+    args = QuantArgs(num_bits=4)
+    model = copy.deepcopy(dense)
+    modifier = sq.SpinQuantModifier(learnable=True, steps=6, learning_rate=0.005, quantization={"num_bits": 4})
+    plan = sq.spinquant_plan(model.config, modifier, *sq.infer_mappings(model))
+    learned = sq.learn_rotations(model, plan, batches, args, steps=6, learning_rate=0.005)
+    assert learned["final_loss"] < learned["initial_loss"] - 1e-3, learned
+    assert rot_error(plan.r1) < 1e-5 and all(rot_error(r) < 1e-5 for r in plan.r2)
+    initial = sq.spinquant_plan(dense.config, modifier, *sq.infer_mappings(dense)).r1
+    assert not torch.allclose(plan.r1, rot.dense(initial))
+
+    # the full path: learned rotations fused into the (unquantized) model still give the same function
+    model = copy.deepcopy(dense)
+    report = sq.apply_spinquant(model, modifier, batches)
+    assert len(report["learned"]["losses"]) == 6
+    assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3
+    with pytest.raises(ValueError, match="dataset: .*learnable"):
+        sq.apply_spinquant(copy.deepcopy(dense), modifier)
+
+
+def test_modifier_through_oneshot_rotates_exactly():
+    """oneshot calls the modifier's ``prepare_model`` before its stage (the stage itself has no targets)."""
+    from service.oneshot import oneshot
+
+    dense = build(TINY["qwen2"]())
+    ids = torch.randint(0, 512, (1, 32))
+    model = copy.deepcopy(dense)
+    report = oneshot(model, [sq.SpinQuantModifier(rotations=ALL)])
+    assert report["totals"]["params_targeted"] == 0 and len(report["transforms"]) == 1
+    assert not torch.equal(model.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+    assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3
+
+
+def test_learning_with_r4_in_the_loop_matches_the_rotated_quantized_model(stories):
+    """The loss learn_rotations optimises is the loss of the model apply_spinquant then builds, quantized: with
+    zero steps and R4 planned, the learning loss equals the loss of the rotated model with RTN weights, and not
+    that of the model without R4. (Equal up to RTN ties: weights equal to an ulp can still round a row's
+    largest entry differently, which moves this 256-token loss by ~1.5e-3; R4 moves it by ~2e-2.)"""
+    from service.quantization import QuantArgs, fake_quantize
+
+    dense, ids, _ = stories
+    args = QuantArgs(num_bits=4)
+
+    def learned_and_actual(rotations):
+        model = copy.deepcopy(dense)
+        modifier = sq.SpinQuantModifier(rotations=rotations, learnable=True, steps=0)
+        report = sq.apply_spinquant(model, modifier, [{"input_ids": ids}], quant_args=args)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for module in layer.modules():
+                    if isinstance(module, torch.nn.Linear):
+                        module.weight.copy_(fake_quantize(module.weight, args))
+            return report, model(ids, labels=ids).loss.item()
+
+    report, with_r4 = learned_and_actual(["R1", "R2", "R4"])
+    _, without_r4 = learned_and_actual(["R1", "R2"])
+    assert report["learned"]["initial_loss"] == pytest.approx(with_r4, abs=4e-3)
+    assert abs(with_r4 - without_r4) > 1e-2
+    assert set(report["online_transforms"]) == {"R4"}  # learning's temporary hooks are gone, the final ones on
+
+
+def test_without_r1_norms_and_embeddings_are_left_alone():
+    """Only R1 needs the norms fused (and the head untied); R2/R4 alone leave them, keeping W4 quality."""
+    dense = build(TINY["llama-non-pow2"]())  # tied embeddings
+    ids = torch.randint(0, 512, (2, 32))
+    model = copy.deepcopy(dense)
+    report = sq.apply_spinquant(model, sq.SpinQuantModifier(rotations=["R2", "R3", "R4"]))
+    assert report["norms_fused"] == 0 and not report["untied"]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, dense.model.layers[0].input_layernorm.weight)
+    assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3
