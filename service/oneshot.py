@@ -263,6 +263,7 @@ class StreamedBlocks:
         self.rotation = rotation  # a SpinQuantPlan: each block is rotated as it is loaded
         self.quantized: dict[str, nn.Module] = {}
         self.unquantized: list[str] = []
+        self.online: dict[str, dict] = {}  # online rotations written: {"R3"|"R4": {module name: spec}}
 
     def load(self, index, name, block, device):
         self.source.load(self.source.parameter_names(name), device)
@@ -277,8 +278,23 @@ class StreamedBlocks:
             tensors = {n: self.source.model.get_parameter(n) for n in names}
             if self.quantized_format:
                 tensors = self._compressed(name, block, tensors)
+            if self.rotation is not None:
+                tensors.update(self._online(name, block))
             self.writer.write(index + 1, tensors)
+        if self.rotation is not None:
+            from service.rotations import detach_online
+
+            detach_online(block)  # the block's hooks go with its weights; a later load rotates it afresh
         self.source.release(names)
+
+    def _online(self, name: str, block: nn.Module) -> dict:
+        from service.rotations import online_transforms_description
+        from service.transform_export import transform_tensors
+
+        for key, entries in online_transforms_description(block).items():
+            for sub, spec in entries.items():
+                self.online.setdefault(key, {})[f"{name}.{sub}" if sub else name] = spec
+        return transform_tensors([(name, block)])
 
     def _compressed(self, name: str, block: nn.Module, tensors: dict) -> dict:
         from service.quantized_export import compress_quantized_tensors, is_quantized, scheme_carrier
@@ -328,6 +344,11 @@ def _stream_stage(
     run_stage(model, modifiers, batches, store, device, mode=mode, report=report,
               before_blocks=write_outside, probe_store=StreamedBlocks(source, None, rotation=rotation))
     writer.finish()
+    if store.online:
+        from service.transform_export import DESCRIPTION_KEY, transform_config
+
+        config_changes[DESCRIPTION_KEY] = store.online
+        config_changes["transform_config"] = transform_config(store.online)
     if not store.quantized:
         return config_changes
     from service.quantized_export import quantization_config
@@ -339,15 +360,16 @@ def _stream_stage(
     groups = config["config_groups"]
     if len(groups) == 1 and not store.unquantized:  # one scheme on every block Linear: say so, not 100 names
         next(iter(groups.values()))["targets"] = ["Linear"]
+    if "transform_config" in config_changes:  # compressed-tensors keeps it inside the quantization config
+        config["transform_config"] = config_changes.pop("transform_config")
     return {**config_changes, "quantization_config": config}
 
 
 def _streaming_rotation(model: nn.Module, modifiers):
     """The SpinQuantPlan of the stage's SpinQuantModifier, if any, for rotating block by block as they stream.
 
-    Streaming fuses R1 and R2 into the weights (an ordinary checkpoint). Learned rotations need the whole model at
-    once, and R3/R4 are online transforms the streamed evaluator does not run: both go through the library's
-    ``oneshot`` on an in-memory model.
+    R1 and R2 are fused into the weights; R3 and R4 run online, and each block's transform tensors go to its shard
+    (see service.transform_export). Learned rotations need the whole model at once: the library's ``oneshot``.
     """
     from service.spinquant import SpinQuantModifier, infer_mappings, spinquant_plan
 
@@ -360,12 +382,13 @@ def _streaming_rotation(model: nn.Module, modifiers):
     if modifier.learnable:
         raise ValueError("SpinQuantModifier.learnable: learning rotations needs the whole model in memory; the "
                          "streaming path (CLI, job service) takes fixed rotations: use service.oneshot.oneshot")
-    online = sorted(set(modifier.rotations) & {"R3", "R4"})
-    if online:
-        raise ValueError(f"SpinQuantModifier.rotations: {', '.join(online)} are online transforms; the streaming "
-                         "path (CLI, job service) fuses R1 and R2 only: use service.oneshot.oneshot for R3/R4")
     mapping, norms = infer_mappings(model)
-    return spinquant_plan(model.config, modifier, modifier.mappings or mapping, modifier.norm_mappings or norms)
+    plan = spinquant_plan(model.config, modifier, modifier.mappings or mapping, modifier.norm_mappings or norms)
+    if plan.r3 is not None:
+        from service.rotations import enable_r3_attention
+
+        enable_r3_attention(model)  # blocks are marked as they load (rotate_block)
+    return plan
 
 
 @dataclass
@@ -514,30 +537,50 @@ def load_dense(model_dir: Path, device: torch.device, trust_remote_code: bool = 
     return cls.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).to(device).eval()
 
 
+def load_output(directory: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
+    """A compressed output as the model it computes: a quantized one decompressed by compressed-tensors, online
+    rotations (R3/R4) re-attached from the checkpoint's description. On CPU, in eval mode."""
+    import json
+
+    from service.rotations import attach_online_transforms
+    from service.transform_export import DESCRIPTION_KEY
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    if "quantization_config" in config:
+        from service.quantized_export import load_quantized
+
+        model = load_quantized(directory)
+    else:
+        model = load_dense(directory, torch.device("cpu"), trust_remote_code)
+    if DESCRIPTION_KEY in config:
+        attach_online_transforms(model, config[DESCRIPTION_KEY])
+    return model.eval()
+
+
 def evaluate_pair(before_dir: Path, after_dir: Path, tokenizer, evals: Sequence[EvalSet], seq_len: int,
                   device: torch.device, trust_remote_code: bool = False) -> dict:
     """Perplexity of the dense and the compressed model on each evaluation text, each streamed block by block
-    (evaluation needs no more memory than compression). A quantized (compressed-tensors) output is decompressed
-    whole by the library instead, so that one needs the dense model's memory."""
+    (evaluation needs no more memory than compression). A quantized (compressed-tensors) output, or one with
+    online rotations, is loaded whole instead (``load_output``), so that one needs the dense model's memory."""
     import json
 
     from service.perplexity import perplexity, perplexity_streamed
     from service.text_data import read_texts, tokenize
+    from service.transform_export import DESCRIPTION_KEY
 
-    quantized = "quantization_config" in json.loads((Path(after_dir) / "config.json").read_text())
-    decompressed = None
-    if quantized:
-        from service.quantized_export import load_quantized
-
-        decompressed = load_quantized(after_dir).to(device).eval()
+    config = json.loads((Path(after_dir) / "config.json").read_text())
+    whole = None
+    if "quantization_config" in config or DESCRIPTION_KEY in config:
+        whole = load_output(after_dir, trust_remote_code=trust_remote_code).to(device).eval()
     results: dict[str, dict] = {}
     for e in evals:
         ids = tokenize(tokenizer, read_texts(e.source), max_tokens=e.max_tokens)
         entry = results[e.name] = {"source": str(e.source), "tokens": int(len(ids))}
         entry["before"] = perplexity_streamed(before_dir, ids, seq_len=seq_len, device=device,
                                               trust_remote_code=trust_remote_code).ppl
-        if decompressed is not None:
-            entry["after"] = perplexity(decompressed, ids, seq_len=seq_len, device=device).ppl
+        if whole is not None:
+            entry["after"] = perplexity(whole, ids, seq_len=seq_len, device=device).ppl
         else:
             entry["after"] = perplexity_streamed(after_dir, ids, seq_len=seq_len, device=device,
                                                  trust_remote_code=trust_remote_code).ppl

@@ -241,6 +241,10 @@ def load_quantized(model_dir: str | Path, *, dtype: torch.dtype | None = None) -
     state = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(shard)))
+    # Online rotations' tensors (service.transform_export) belong to transform modules this dense model does not
+    # have: service.oneshot.load_output re-attaches the rotations themselves.
+    groups = tuple(f".{g}_" for g in (ct_config.get("transform_config") or {}).get("config_groups", {}))
+    state = {k: v for k, v in state.items() if not (groups and any(g in k for g in groups))}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:

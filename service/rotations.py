@@ -410,6 +410,16 @@ def attach_r3(model: nn.Module, attention_modules: list[nn.Module], spec: Rotati
     enable_r3_attention(model)
 
 
+def detach_online(module: nn.Module) -> None:
+    """Take R4 hooks and R3 marks off ``module`` and its sub-modules (one streamed block, once written), leaving
+    weights and the model's attention implementation as they are."""
+    for sub in module.modules():
+        if getattr(sub, _R4_ATTR, None) is not None:
+            detach_r4(sub)
+        if getattr(sub, _R3_ATTR, None) is not None:
+            delattr(sub, _R3_ATTR)
+
+
 def detach_r4(down_proj: nn.Module) -> None:
     """Remove R4's hook from one module, leaving its weight as it is."""
     spec, _, handle = getattr(down_proj, _R4_ATTR)

@@ -115,10 +115,47 @@ def test_streamed_rotation_is_exact_and_streamed_rotate_quantize_equals_oneshot(
         assert (streamed(probe).logits - in_memory(probe).logits).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("args, field", [("{rotations: [R1, R4]}", "R4"), ("{rotations: [R1], learnable: true}",
-                                                                          "learnable")])
-def test_streaming_refuses_online_and_learned_rotations_with_a_clear_error(tmp_path, args, field):
-    recipe = f"rotation_stage:\n  rotation_modifiers:\n    SpinQuantModifier: {args}\n"
+ONLINE = """
+rotation_stage:
+  rotation_modifiers:
+    SpinQuantModifier: {rotations: [R1, R2, R3, R4], transform_type: random-hadamard}
+"""
+
+
+def test_streamed_online_rotations_are_recorded_and_read_back_by_ours_and_by_compressed_tensors(tmp_path):
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from safetensors.torch import load_file
+
+    from service.oneshot import load_output
+    from service.transform_export import DESCRIPTION_KEY, load_transform_tensors
+
+    report = compress_checkpoint(STORIES, ONLINE, tmp_path / "out", device="cpu",
+                                 evals=[EvalSet("tiny", TINY, 4096)])
+    assert abs(report["perplexity"]["tiny"]["ratio"] - 1) < 1e-4  # exact, online rotations running
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert set(config[DESCRIPTION_KEY]) == {"R3", "R4"} and len(config[DESCRIPTION_KEY]["R4"]) == 5
+    groups = config["transform_config"]["config_groups"]
+    assert {a["location"] for a in groups["R3"]["apply"]} == {"q_attn", "k_cache"} and groups["R3"]["head_dim"] == 8
+    assert groups["R4"]["apply"][0]["location"] == "input"
+
+    probe = calibration_tokens(TINY, load_tokenizer(STORIES), 1, 256)
+    dense = load(STORIES)
+    with torch.no_grad():
+        expected = dense(probe).logits
+        assert (load_output(tmp_path / "out")(probe).logits - expected).abs().max() < 1e-3
+        fused_only = load(tmp_path / "out")  # transformers alone: the fused weights, no online transforms
+        assert (fused_only(probe).logits - expected).abs().max() > 1.0
+        # compressed-tensors' own transforms, built from transform_config, with the tensors stored beside the weights
+        apply_transform_config(fused_only, TransformConfig.model_validate(config["transform_config"]))
+        tensors = {k: v for f in sorted((tmp_path / "out").glob("model-*.safetensors"))
+                   for k, v in load_file(str(f)).items() if "_input." in k or "_q_attn." in k or "_k_cache." in k}
+        assert load_transform_tensors(fused_only, tensors) == 15
+        assert (fused_only(probe).logits - expected).abs().max() < 1e-3
+
+
+def test_streaming_refuses_learned_rotations_with_a_clear_error(tmp_path):
+    recipe = "rotation_stage:\n  rotation_modifiers:\n    SpinQuantModifier: {rotations: [R1], learnable: true}\n"
+    field = "learnable"
     with pytest.raises(ValueError, match=f"SpinQuantModifier.*{field}.*oneshot"):
         compress_checkpoint(STORIES, recipe, tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
