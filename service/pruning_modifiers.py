@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import warnings
 from typing import Any, ClassVar
 
@@ -19,15 +18,13 @@ import torch
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
-from service.hessian import HessianAccumulator, InputNormAccumulator
-from service.lifecycle import Event, State
+from service.lifecycle import State
 from service.magnitude import magnitude_prune
 from service.masks import parse_mask_structure
-from service.modifier import Modifier
-from service.pipeline import find_blocks, memory_mb
+from service.layerwise_modifier import LayerwiseModifier
 from service.recipe import register_modifier
 from service.sparsegpt import sparsegpt_prune
-from service.targets import as_patterns, compressible_modules, set_weight_matrix, weight_matrix
+from service.targets import as_patterns, set_weight_matrix, weight_matrix
 from service.wanda import wanda_prune
 
 log = logging.getLogger(__name__)
@@ -44,7 +41,7 @@ def _check_fraction(value: float, field: str) -> float:
     return float(value)
 
 
-class SparsityModifierBase(Modifier):
+class SparsityModifierBase(LayerwiseModifier):
     """Arguments shared by the one-shot pruning modifiers.
 
     sparsity: a fraction in [0, 1), a list with one fraction per block, or a mapping from block name (or
@@ -68,9 +65,6 @@ class SparsityModifierBase(Modifier):
     _layer_sparsities: list[float] | None = PrivateAttr(default=None)
     _keep_masks: bool = PrivateAttr(default=False)
     _masks: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _module_names: dict[nn.Module, tuple[str, int, str]] = PrivateAttr(default_factory=dict)  # name, block, block name
-    _statistics: dict[nn.Module, Any] = PrivateAttr(default_factory=dict)
-    _reports: dict[str, dict] = PrivateAttr(default_factory=dict)
 
     @field_validator("sparsity")
     @classmethod
@@ -222,73 +216,15 @@ class SparsityModifierBase(Modifier):
     def _prune(self, weight: torch.Tensor, statistic: Any, sparsity: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
         raise NotImplementedError
 
-    @property
-    def reports(self) -> dict[str, dict]:
-        return self._reports
-
-    # --- llm-compressor's event lifecycle --------------------------------------------------------------------
+    # --- llm-compressor's event lifecycle (service.layerwise_modifier), plus OWL's precondition ------------------
 
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
-        blocks = find_blocks(state.model, kwargs.get("sequential_targets") or self.sequential_targets)
-        self.check_layers([name for name, _ in blocks])
         if self.sparsity_profile == "owl" and self._layer_sparsities is None:
             raise ValueError(
                 "sparsity_profile 'owl' needs a dense calibration pass over all blocks before pruning; "
                 "run it through service.oneshot / the CLI, which do that pass"
             )
-        self._module_names = {}
-        for index, (block_name, block) in enumerate(blocks):
-            for name, module in compressible_modules(block, block_name, self.target_patterns, self.ignore_patterns):
-                self._module_names[module] = (name, index, block_name)
-        return True
-
-    def on_start(self, state: State, event: Event, **kwargs: Any) -> None:
-        for module in self._module_names:
-            self.register_hook(module, self.calibrate_module, "forward")
-
-    def calibrate_module(self, module: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-        """Forward hook: add this call's input to the module's statistic (one accumulator per module)."""
-        if self.statistic is None:
-            return
-        x = args[0]
-        acc = self._statistics.get(module)
-        if acc is None:
-            cls = HessianAccumulator if self.statistic == "hessian" else InputNormAccumulator
-            acc = self._statistics[module] = cls(x.shape[-1], x.device)
-        elif getattr(self, "offload_hessians", False):
-            acc.to(x.device)
-        acc.add(x)
-        if getattr(self, "offload_hessians", False):
-            acc.to("cpu")
-
-    def compress_modules(self) -> None:
-        """Prune every module that has calibration data (or all targets, for data-free methods)."""
-        pending = list(self._module_names) if self.statistic is None else list(self._statistics)
-        for module in pending:
-            name, index, block_name = self._module_names[module]
-            if name in self._reports:
-                continue
-            statistic = self._statistics.pop(module, None)
-            if statistic is not None:
-                statistic.to(module.weight.device)
-            start = time.perf_counter()
-            report = self.compress_module(name, module, statistic, self.layer_sparsity(index, block_name))
-            report["seconds"] = time.perf_counter() - start
-            report["samples"] = getattr(statistic, "num_samples", getattr(statistic, "num_tokens", 0))
-            report["memory_mb"] = memory_mb(module.weight.device)
-            log.info("%s: %s samples, loss %s, %.2f s, %.0f MB, sparsity %.3f", name, report["samples"],
-                     report.get("loss", "-"), report["seconds"], report["memory_mb"], report["sparsity"])
-
-    def on_update(self, state: State, event: Event, **kwargs: Any) -> None:
-        self.compress_modules()  # SEQUENTIAL_EPOCH_END: one block's calibration is complete
-
-    def on_end(self, state: State, event: Event, **kwargs: Any) -> None:
-        self.compress_modules()
-        self.remove_hooks()
-
-    def on_finalize(self, state: State, **kwargs: Any) -> bool:
-        self._statistics.clear()
-        return True
+        return super().on_initialize(state, **kwargs)
 
 
 @register_modifier

@@ -18,7 +18,6 @@ with the list of accepted values, as are output-activation and KV-cache schemes.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -27,10 +26,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from service.gptq import ACTORDERS, gptq_quantize
-from service.hessian import HessianAccumulator
-from service.lifecycle import Event, State
-from service.modifier import Modifier
-from service.pipeline import find_blocks, memory_mb
+from service.layerwise_modifier import LayerwiseModifier
 from service.quantization import QuantArgs, fake_quantize, fake_quantize_activations, quantization_params
 from service.recipe import register_modifier
 from service.targets import as_patterns, compressible_modules, matches_any, set_weight_matrix, weight_matrix
@@ -158,7 +154,7 @@ def _group(name: str, targets: list[str], weights: Any, inputs: Any, field: str)
     return QuantGroup(name, targets, w_args, i_args, actorder)
 
 
-class QuantizationModifierBase(Modifier):
+class QuantizationModifierBase(LayerwiseModifier):
     """Arguments and pipeline interface shared by QuantizationModifier and GPTQModifier."""
 
     statistic: ClassVar[str | None] = None
@@ -171,9 +167,6 @@ class QuantizationModifierBase(Modifier):
     sequential_targets: str | list[str] | None = None
 
     _groups: list[QuantGroup] = PrivateAttr(default_factory=list)
-    _module_names: dict[nn.Module, str] = PrivateAttr(default_factory=dict)
-    _statistics: dict[nn.Module, HessianAccumulator] = PrivateAttr(default_factory=dict)
-    _reports: dict[str, dict] = PrivateAttr(default_factory=dict)
 
     @field_validator("kv_cache_scheme")
     @classmethod
@@ -203,12 +196,6 @@ class QuantizationModifierBase(Modifier):
     @property
     def ignore_patterns(self) -> list[str]:
         return as_patterns(self.ignore)
-
-    def layer_sparsity(self, index: int, block_name: str) -> float:
-        return 0.0
-
-    def check_layers(self, block_names: list[str]) -> None:
-        """Nothing is per block for quantization."""
 
     def group_for(self, name: str, module: nn.Module) -> QuantGroup:
         for group in self._groups:
@@ -249,60 +236,6 @@ class QuantizationModifierBase(Modifier):
 
     def _quantize(self, weight, args, statistic, group):
         raise NotImplementedError
-
-    @property
-    def reports(self) -> dict[str, dict]:
-        return self._reports
-
-    # --- llm-compressor's event lifecycle --------------------------------------------------------------------
-
-    def on_initialize(self, state: State, **kwargs: Any) -> bool:
-        blocks = find_blocks(state.model, kwargs.get("sequential_targets") or self.sequential_targets)
-        self._module_names = {}
-        for block_name, block in blocks:
-            for name, module in compressible_modules(block, block_name, self.target_patterns, self.ignore_patterns):
-                self._module_names[module] = name
-        return True
-
-    def on_start(self, state: State, event: Event, **kwargs: Any) -> None:
-        if self.statistic is not None:
-            for module in self._module_names:
-                self.register_hook(module, self._calibrate, "forward_pre")
-
-    def _calibrate(self, module: nn.Module, args: tuple) -> None:
-        x = args[0]
-        acc = self._statistics.get(module)
-        if acc is None:
-            acc = self._statistics[module] = HessianAccumulator(x.shape[-1], x.device)
-        acc.to(x.device).add(x)
-        if getattr(self, "offload_hessians", False):
-            acc.to("cpu")
-
-    def compress_modules(self) -> None:
-        """Quantize every module that has calibration data (every target, for RTN)."""
-        pending = list(self._module_names) if self.statistic is None else list(self._statistics)
-        for module in pending:
-            name = self._module_names[module]
-            if name in self._reports:
-                continue
-            statistic = self._statistics.pop(module, None)
-            if statistic is not None:
-                statistic.to(module.weight.device)
-            start = time.perf_counter()
-            report = self.compress_module(name, module, statistic, 0.0)
-            report["seconds"] = time.perf_counter() - start
-            report["memory_mb"] = memory_mb(module.weight.device)
-
-    def on_update(self, state: State, event: Event, **kwargs: Any) -> None:
-        self.compress_modules()
-
-    def on_end(self, state: State, event: Event, **kwargs: Any) -> None:
-        self.compress_modules()
-        self.remove_hooks()
-
-    def on_finalize(self, state: State, **kwargs: Any) -> bool:
-        self._statistics.clear()
-        return True
 
 
 @register_modifier

@@ -1,0 +1,110 @@
+"""llm-compressor's event lifecycle for modifiers that compress target modules one at a time.
+
+SparseGPT, Wanda, magnitude, RTN and GPTQ all work the same way under the event lifecycle: find the target modules
+in the blocks, accumulate each one's calibration statistic from a forward hook while calibration runs, and
+compress a module (``compress_module``, which the block pipeline calls directly) once its block has been
+calibrated (``SEQUENTIAL_EPOCH_END``) or at the end. What differs is ``statistic`` ("hessian", "input_norm" or
+None for data-free methods), ``layer_sparsity`` and ``compress_module``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, ClassVar
+
+import torch
+from pydantic import PrivateAttr
+from torch import nn
+
+from service.hessian import HessianAccumulator, InputNormAccumulator
+from service.lifecycle import Event, State
+from service.modifier import Modifier
+from service.pipeline import find_blocks, memory_mb
+from service.targets import compressible_modules
+
+log = logging.getLogger(__name__)
+
+
+class LayerwiseModifier(Modifier):
+    """Base of the modifiers that compress modules one by one from a per-module calibration statistic."""
+
+    statistic: ClassVar[str | None] = None
+
+    sequential_targets: str | list[str] | None = None
+
+    _module_names: dict[nn.Module, tuple[str, int, str]] = PrivateAttr(default_factory=dict)  # name, block, block name
+    _statistics: dict[nn.Module, Any] = PrivateAttr(default_factory=dict)
+    _reports: dict[str, dict] = PrivateAttr(default_factory=dict)
+
+    # what subclasses provide (target_patterns / ignore_patterns too)
+    def check_layers(self, block_names: list[str]) -> None:
+        return None
+
+    def layer_sparsity(self, index: int, block_name: str) -> float:
+        return 0.0
+
+    def compress_module(self, name: str, module: nn.Module, statistic: Any, sparsity: float) -> dict:
+        raise NotImplementedError
+
+    @property
+    def reports(self) -> dict[str, dict]:
+        return self._reports
+
+    # --- the event lifecycle ----------------------------------------------------------------------------------
+
+    def on_initialize(self, state: State, **kwargs: Any) -> bool:
+        blocks = find_blocks(state.model, kwargs.get("sequential_targets") or self.sequential_targets)
+        self.check_layers([name for name, _ in blocks])
+        self._module_names = {}
+        for index, (block_name, block) in enumerate(blocks):
+            for name, module in compressible_modules(block, block_name, self.target_patterns, self.ignore_patterns):
+                self._module_names[module] = (name, index, block_name)
+        return True
+
+    def on_start(self, state: State, event: Event, **kwargs: Any) -> None:
+        if self.statistic is not None:
+            for module in self._module_names:
+                self.register_hook(module, self.calibrate_module, "forward")
+
+    def calibrate_module(self, module: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        """Forward hook: add this call's input to the module's statistic (one accumulator per module)."""
+        x = args[0]
+        acc = self._statistics.get(module)
+        if acc is None:
+            cls = HessianAccumulator if self.statistic == "hessian" else InputNormAccumulator
+            acc = self._statistics[module] = cls(x.shape[-1], x.device)
+        elif getattr(self, "offload_hessians", False):
+            acc.to(x.device)
+        acc.add(x)
+        if getattr(self, "offload_hessians", False):
+            acc.to("cpu")
+
+    def compress_modules(self) -> None:
+        """Compress every module that has calibration data (or every target, for data-free methods)."""
+        pending = list(self._module_names) if self.statistic is None else list(self._statistics)
+        for module in pending:
+            name, index, block_name = self._module_names[module]
+            if name in self._reports:
+                continue
+            statistic = self._statistics.pop(module, None)
+            if statistic is not None:
+                statistic.to(module.weight.device)
+            start = time.perf_counter()
+            report = self.compress_module(name, module, statistic, self.layer_sparsity(index, block_name))
+            report["seconds"] = time.perf_counter() - start
+            report["samples"] = getattr(statistic, "num_samples", getattr(statistic, "num_tokens", 0))
+            report["memory_mb"] = memory_mb(module.weight.device)
+            log.info("%s: %s samples, loss %s, %.2f s, %.0f MB", name, report["samples"], report.get("loss", "-"),
+                     report["seconds"], report["memory_mb"])
+
+    def on_update(self, state: State, event: Event, **kwargs: Any) -> None:
+        self.compress_modules()  # SEQUENTIAL_EPOCH_END: one block's calibration is complete
+
+    def on_end(self, state: State, event: Event, **kwargs: Any) -> None:
+        self.compress_modules()
+        self.remove_hooks()
+
+    def on_finalize(self, state: State, **kwargs: Any) -> bool:
+        self._statistics.clear()
+        return True
