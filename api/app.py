@@ -30,7 +30,6 @@ from starlette.concurrency import run_in_threadpool
 from api import schemas
 from api.dashboard import mount_dashboard
 from api.metrics import metrics_registry
-from service import pruning_modifiers  # noqa: F401  (registers the modifiers that recipes name, for validation)
 from service.api_keys import KeyInfo, KeyRing
 from service.job_runner import REQUEST_FIELDS, validate_request, webhook_payload
 from service.job_store import IdempotencyConflict, InvalidCursor, Job, JobStore, TERMINAL

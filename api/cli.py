@@ -107,11 +107,10 @@ def _client(args):
 def _serve(args) -> int:
     import uvicorn
 
-    from api.app import build_app
-    from service.settings import get_settings
-
     import ray
 
+    from api.app import build_app
+    from service.settings import get_settings
     from workers.dispatch import connect_ray
 
     settings = get_settings()
@@ -137,6 +136,7 @@ def _demo(args) -> int:
     import secrets
     from datetime import datetime, timezone
 
+    import ray
     from pydantic import SecretStr
 
     from api.app import build_app
@@ -159,8 +159,6 @@ def _demo(args) -> int:
     })
     Path(settings.artifacts_root).mkdir(parents=True, exist_ok=True)
     output = args.output or f"demo/stories260K-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    import ray
-
     connect_ray(settings)  # from the main thread (Ray's signal handlers), before the API's thread uses it
     try:
         with EmbeddedServer(build_app(settings), port=args.port) as url:

@@ -19,16 +19,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from service import pruning_modifiers as pm  # noqa: E402
 from service import quantization_modifiers as qm  # noqa: E402
-from service.calibration_data import calibration_tokens  # noqa: E402
-from service.oneshot import oneshot, token_batches  # noqa: E402
-from service.perplexity import perplexity  # noqa: E402
-from service.text_data import load_tokenizer, read_texts, tokenize  # noqa: E402
+from service.oneshot import oneshot  # noqa: E402
+from stories_protocol import stories_protocol  # noqa: E402
 
-FIX = REPO / "tests" / "fixtures"
-MODEL = FIX / "models" / "stories260K"
 
 
 def weights(bits, strategy="channel", group_size=None, symmetric=True):
@@ -95,15 +92,9 @@ def two_of_four_kept(model) -> bool:
 
 
 def main() -> int:
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    tok = load_tokenizer(MODEL)
-    dense = AutoModelForCausalLM.from_pretrained(str(MODEL)).eval()
-    evals = [tokenize(tok, read_texts(FIX / "data/wikitext-2/test.txt"), max_tokens=40960),
-             tokenize(tok, read_texts(FIX / "data/tinystories/valid-subset.txt"))]
-    batches = token_batches(calibration_tokens(FIX / "data/wikitext-2/valid.txt", tok, 128, 256))
-    wiki, tiny = (perplexity(dense, ids).ppl for ids in evals)
+    protocol = stories_protocol()
+    dense, batches = protocol.dense, protocol.batches
+    wiki, tiny = protocol.perplexities(dense)
     print(f"{'method':<28} {'WikiText-2':>11} {'TinyStories':>12} {'GPTQ loss':>10} {'seconds':>8}   note")
     print(f"{'dense':<28} {wiki:>11.3f} {tiny:>12.4f}")
     for name, make in CASES:
@@ -115,7 +106,7 @@ def main() -> int:
         report = oneshot(model, recipe, batches=batches, device="cpu")
         seconds = time.perf_counter() - start
         hooks = qm.attach_scheme_activation_quantization(model)
-        wiki, tiny = (perplexity(model, ids).ppl for ids in evals)
+        wiki, tiny = protocol.perplexities(model)
         for h in hooks:
             h.remove()
         loss = report["totals"]["loss"]

@@ -13,19 +13,15 @@ import copy
 import sys
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from service import pruning_modifiers as pm  # noqa: E402
-from service.calibration_data import calibration_tokens  # noqa: E402
-from service.oneshot import oneshot, token_batches  # noqa: E402
-from service.perplexity import perplexity  # noqa: E402
-from service.text_data import load_tokenizer, read_texts, tokenize  # noqa: E402
+from service.oneshot import oneshot  # noqa: E402
+from stories_protocol import stories_protocol  # noqa: E402
 
-FIX = REPO / "tests" / "fixtures"
-MODEL = FIX / "models" / "stories260K"
 REFERENCE = {  # llm-compressor 0.14 / shared/README.md
     "SparseGPT 2:4": (291.7, 42.43), "SparseGPT 50%": (291.7, 24.44),
     "magnitude 2:4": (681.3, 127.5), "magnitude 50%": (490.2, 47.86),
@@ -43,22 +39,16 @@ CASES = [
 
 
 def main() -> int:
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    tok = load_tokenizer(MODEL)
-    dense = AutoModelForCausalLM.from_pretrained(str(MODEL)).eval()
-    evals = [tokenize(tok, read_texts(FIX / "data/wikitext-2/test.txt"), max_tokens=40960),
-             tokenize(tok, read_texts(FIX / "data/tinystories/valid-subset.txt"))]
-    batches = token_batches(calibration_tokens(FIX / "data/wikitext-2/valid.txt", tok, 128, 256))
-    wiki, tiny = (perplexity(dense, ids).ppl for ids in evals)
+    protocol = stories_protocol()
+    dense, batches = protocol.dense, protocol.batches
+    wiki, tiny = protocol.perplexities(dense)
     print(f"{'method':<24} {'pipeline':<9} {'WikiText-2':>11} {'TinyStories':>12} {'layer loss':>11}   llm-compressor")
     print(f"{'dense':<24} {'':<9} {wiki:>11.3f} {tiny:>12.4f}")
     for name, make in CASES:
         for pipeline in ("two_pass", "one_pass"):
             model = copy.deepcopy(dense)
             report = oneshot(model, [make()], batches=batches, device="cpu", pipeline=pipeline)
-            wiki, tiny = (perplexity(model, ids).ppl for ids in evals)
+            wiki, tiny = protocol.perplexities(model)
             loss = report["totals"]["loss"]
             ref = REFERENCE.get(name)
             ref_text = f"{ref[0]:.1f} / {ref[1]:.2f}" if ref else ""

@@ -13,8 +13,10 @@ One job, followed forward::
     the work folder is removed; the webhook, if any, is told about the terminal state
 
 The manifest is written last, and the job's Publisher deletes what it uploaded when anything fails or the job is
-cancelled, so a failed or cancelled job never leaves a manifest behind (nor, as far as deletes succeed, shards). This module knows nothing of Ray or HTTP: ``workers/`` calls
-:func:`run_job`, ``api/`` calls :func:`validate_request` to answer 422s.
+cancelled, so a failed or cancelled job never leaves a manifest behind (nor, as far as deletes succeed, shards).
+Every store write after the job is taken names the attempt it was taken as (a fencing token), so a worker that was
+presumed lost changes nothing once the job was re-queued. This module knows nothing of Ray or HTTP: ``workers/``
+calls :func:`run_job`, ``api/`` calls :func:`validate_request` to answer 422s.
 """
 
 from __future__ import annotations
@@ -443,14 +445,13 @@ def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path |
     folder.mkdir(parents=True)
     started = time.perf_counter()
     job = store.get(job_id)
-    mine = job.attempt  # the fencing token: every later change is ours only while the job is in this attempt
     ended = None
     try:
         if _execute(store, job, settings, folder, _input_roots(settings, input_roots)):
             ended = "succeeded"
     except JobCancelled as exc:
         log.info("job %s stopped: %s", job_id, exc)
-        if store.transition(job_id, ["running", "uploading"], "cancelled", attempt=mine):
+        if store.transition(job_id, ["running", "uploading"], "cancelled", attempt=job.attempt):
             ended = "cancelled"
     except Exception as exc:
         if isinstance(exc, (ValueError, FileExistsError)):
@@ -460,11 +461,11 @@ def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path |
         fields = {"error": _error_message(exc, job_id)}
         if isinstance(exc, QualityGateFailed):
             fields["report"] = exc.report
-        if store.transition(job_id, ["running", "uploading"], "failed", attempt=mine, **fields):
+        if store.transition(job_id, ["running", "uploading"], "failed", attempt=job.attempt, **fields):
             ended = "failed"
     except BaseException:
         if store.cancel_requested(job_id):
-            store.transition(job_id, ["running", "uploading"], "cancelled", attempt=mine)
+            store.transition(job_id, ["running", "uploading"], "cancelled", attempt=job.attempt)
         raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -26,7 +26,6 @@ from service.model_source import StreamedModel, resolve_model_dir
 from service.pipeline import (
     PIPELINES, BlockResult, InMemoryBlocks, Task, capture, find_blocks, module_tasks, run_blocks,
 )
-from service import pruning_modifiers  # noqa: F401  (registers the modifiers recipes name)
 from service.recipe import load_recipe, recipe_summary
 
 log = logging.getLogger(__name__)
