@@ -1,9 +1,9 @@
 """The HTTP job API over loopback: a real uvicorn server in a background thread, a real SQLite job store.
 
-The pure-HTTP tests (validation, auth, idempotency, paging, events, health, OpenAPI) need no job to run: they use
-``StandInDispatcher`` (below), which only records the ids the API hands it. Every test that needs a job to run --
-the Python client, the CLI and ``test_ray_end_to_end`` -- runs real stories260K jobs (SparseGPT 2:4) on one real
-local Ray shared by the module, through ``workers.dispatch.RayDispatcher`` (skipped where Ray is not installed).
+Every test goes through the real ``workers.dispatch.RayDispatcher`` on one real local Ray (one CPU) shared by the
+module. The tests of HTTP itself (validation, auth, idempotency, paging, events, health, OpenAPI) hold Ray's CPU,
+so their jobs wait in Ray's own queue and are cancelled afterwards; the Python client, the CLI and
+``test_ray_end_to_end`` run real stories260K jobs (SparseGPT 2:4).
 """
 
 from __future__ import annotations
@@ -55,51 +55,6 @@ def auth(name: str) -> dict:
     return {"Authorization": f"Bearer {KEYS[name]}"}
 
 
-class StandInDispatcher:
-    """The dispatcher interface the API uses (start, submit, cancel, ready, stop), recording what it is handed and
-    running nothing. Only for the pure-HTTP tests, which need no job to run; jobs that run go through the real
-    ``workers.dispatch.RayDispatcher`` (``ray_env`` below)."""
-
-    def __init__(self):
-        self.submitted: list[str] = []
-        self.cancelled: list[str] = []
-        self.is_ready = True
-        self.started = self.stopped = 0
-
-    def start(self):
-        self.started += 1
-
-    def stop(self):
-        self.stopped += 1
-
-    def ready(self) -> bool:
-        return self.is_ready
-
-    def submit(self, job_id: str):
-        self.submitted.append(job_id)
-
-    def cancel(self, job_id: str):
-        self.cancelled.append(job_id)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
-    settings = Settings(
-        api_keys=",".join(f"{k}:{v}" for k, v in KEYS.items()), admin_keys="ops",
-        database_url=f"sqlite:///{root / 'jobs.db'}", artifacts_root=str(root / "artifacts"),
-        max_request_bytes=MAX_BODY,
-    )
-    (root / "artifacts").mkdir()
-    store = JobStore(settings.database_url)
-    dispatcher = StandInDispatcher()
-    with Server(create_app(settings, store, dispatcher)) as url:
-        with httpx.Client(base_url=url, timeout=30) as http:
-            yield type("Env", (), {"url": url, "http": http, "store": store, "dispatcher": dispatcher,
-                                   "settings": settings, "root": root})
-    store.close()
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module (Ray is initialised once per process). Every RayDispatcher here finds it
@@ -107,6 +62,43 @@ def local_ray():
     their own. One CPU: jobs run one at a time, and ``ray_cpu_taken`` can keep a submitted job queued."""
     with local_ray_session():
         yield
+
+
+@pytest.fixture(scope="module")
+def env_server(local_ray, tmp_path_factory):
+    """The API with the real RayDispatcher, for the tests of HTTP itself (validation, auth, idempotency, paging,
+    events, health, OpenAPI): their jobs are handed to Ray but never run (see ``env``)."""
+    from workers.dispatch import RayDispatcher
+
+    root = tmp_path_factory.mktemp("api")
+    settings = Settings(
+        api_keys=",".join(f"{k}:{v}" for k, v in KEYS.items()), admin_keys="ops",
+        database_url=f"sqlite:///{root / 'jobs.db'}", artifacts_root=str(root / "artifacts"),
+        max_request_bytes=MAX_BODY, hub_offline=True,
+    )
+    (root / "artifacts").mkdir()
+    store = JobStore(settings.database_url)
+    dispatcher = RayDispatcher(store, settings, input_roots=(FIXTURES,))
+    with Server(create_app(settings, store, dispatcher)) as url:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            yield type("Env", (), {"url": url, "http": http, "store": store, "dispatcher": dispatcher,
+                                   "settings": settings, "root": root})
+    store.close()
+
+
+@pytest.fixture
+def env(env_server):
+    """``env_server`` with Ray's one CPU taken for the test: what the API hands to Ray waits in Ray's own queue
+    (these jobs name S3 inputs that do not exist). Afterwards every job still queued is cancelled, which also
+    takes its work off Ray's queue, before the CPU is given back."""
+    with ray_cpu_taken():
+        yield env_server
+        for job in env_server.store.recoverable():
+            env_server.dispatcher.cancel(job.id)
+
+
+def job_count(env) -> int:
+    return sum(env.store.counts_by_status().values())
 
 
 @pytest.fixture(scope="module")
@@ -162,19 +154,19 @@ def test_create_get_list_cancel_a_queued_job(env):
     assert job["status"] == "queued" and job["owner"] == "alice" and job["labels"] == {"team": "release"}
     assert job["request"]["dataset"] == {"source": "s3://data/calib.txt", "num_samples": 8, "seq_len": 64,
                                          "seed": 0}
-    assert job["id"] in env.dispatcher.submitted
+    assert env.dispatcher.handed_to_ray(job["id"])  # waiting in Ray's queue for the CPU
     got = env.http.get(f"/v1/jobs/{job['id']}", headers=auth("alice")).json()
     assert got["id"] == job["id"] and got["status"] == "queued"
     listed = env.http.get("/v1/jobs", params={"label": "team=release"}, headers=auth("alice")).json()
     assert job["id"] in [j["id"] for j in listed["items"]]
     cancelled = env.http.post(f"/v1/jobs/{job['id']}/cancel", headers=auth("alice"))
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    assert job["id"] in env.dispatcher.cancelled
+    assert not env.dispatcher.handed_to_ray(job["id"])  # taken off Ray's queue
     queued = env.http.get("/v1/jobs", params={"status": "queued"}, headers=auth("alice")).json()["items"]
     assert job["id"] not in [j["id"] for j in queued]
-    # A finished job is returned unchanged, and the dispatcher is not bothered again.
+    # A finished job is returned unchanged.
     again = env.http.post(f"/v1/jobs/{job['id']}/cancel", headers=auth("alice")).json()
-    assert again["status"] == "cancelled" and env.dispatcher.cancelled.count(job["id"]) == 1
+    assert again["status"] == "cancelled" and again["finished_at"] == cancelled.json()["finished_at"]
 
 
 def test_authentication_and_tenants(env):
@@ -210,13 +202,13 @@ def test_authentication_and_tenants(env):
     ({"surprise": 1}, ["body", "surprise"]),
 ])
 def test_invalid_requests_are_422_naming_the_field(env, change, loc):
-    before = len(env.dispatcher.submitted)
+    before = job_count(env)
     response = env.http.post("/v1/jobs", json=job_body(**change), headers=auth("alice"))
     assert response.status_code == 422, response.text
     errors = response.json()["detail"]
     assert any(e["loc"] == loc for e in errors), errors
     assert WEBHOOK_SECRET not in response.text
-    assert len(env.dispatcher.submitted) == before
+    assert job_count(env) == before  # nothing stored, nothing handed to Ray
 
 
 def test_oversized_body_is_413(env):
@@ -244,7 +236,7 @@ def test_idempotency(env):
     again = env.http.post("/v1/jobs", json=body, headers={**auth("alice"), "Idempotency-Key": key})
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
     assert again.json()["id"] == first.json()["id"]
-    assert env.dispatcher.submitted.count(first.json()["id"]) == 1
+    assert env.dispatcher.handed_to_ray(first.json()["id"])
     other = env.http.post("/v1/jobs", json=job_body(), headers={**auth("alice"), "Idempotency-Key": key})
     assert other.status_code == 409 and first.json()["id"] in other.json()["detail"]
     # Keys are per tenant.
@@ -309,12 +301,7 @@ def test_health_readiness_and_metrics(env):
     assert env.http.get("/healthz").json() == {"status": "ok"}
     ready = env.http.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"] == {"store": "ok", "workers": "ok"}
-    env.dispatcher.is_ready = False
-    try:
-        not_ready = env.http.get("/readyz")
-        assert not_ready.status_code == 503 and not_ready.json()["checks"]["workers"] == "not ready"
-    finally:
-        env.dispatcher.is_ready = True
+    # Ray gone: test_readyz_when_ray_is_gone, the module's last test.
     create(env)
     text = env.http.get("/metrics").text
     counts = env.store.counts_by_status()
@@ -528,3 +515,14 @@ def test_ray_end_to_end(local_ray, tmp_path):
         assert any(f.key.endswith(".safetensors") for f in artifacts.files) and done.metrics["layers"]
         assert "llmpress_layers_compressed_total 0.0" not in httpx.get(f"{url}/metrics").text
     store.close()
+
+
+def test_readyz_when_ray_is_gone(env_server):
+    """Last in the module (it stops the module's Ray): with Ray unreachable the API still answers, /healthz is
+    ok and /readyz says the workers are not ready."""
+    import ray
+
+    ray.shutdown()
+    assert env_server.http.get("/healthz").json() == {"status": "ok"}
+    not_ready = env_server.http.get("/readyz")
+    assert not_ready.status_code == 503 and not_ready.json()["checks"] == {"store": "ok", "workers": "not ready"}

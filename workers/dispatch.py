@@ -213,6 +213,14 @@ class RayDispatcher:
             # Not started, or started after the cancel and returning at once: run_job found the job not queued.
             ray.cancel(ref, force=False)
 
+    def handed_to_ray(self, job_id: str) -> bool:
+        """Whether this dispatcher handed the job to Ray and that work has not ended (waiting or running)."""
+        if self.detached:
+            return self._actor(ACTOR_PREFIX + job_id) is not None
+        with self._lock:
+            self._forget_finished()
+            return job_id in self._tasks
+
     def recover(self) -> None:
         """Take up what a previous run left: submit queued jobs again; re-attach running jobs whose Ray work is
         still there, re-queue (and submit) those whose work is gone."""
