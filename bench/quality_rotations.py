@@ -8,15 +8,20 @@ wikitext-2 valid. Rows:
     R1+R2                     Hadamard rotations alone (must equal dense)
     W4 RTN                    4-bit symmetric per-channel round-to-nearest of every decoder Linear
     R1+R2 + W4 RTN            the same after Hadamard R1+R2
-    learned R1+R2 + W4 RTN    R1/R2 learned with Cayley SGD on the W4 loss, from the Hadamard start
+    learned R1+R2 (CE) + W4   R1/R2 learned with Cayley SGD on the W4 next-token loss, from the Hadamard start,
+                              no scalings (the modifier before scalings: learn_scales false, objective ce)
+    learned R1+R2 + scales    R1/R2 and the exact per-channel scalings (service/spinquant.py) learned together
+      (KL) + W4 RTN           on KL(dense || W4 model), the modifier's defaults (150 steps, lr 0.005)
     W4A8 / W4A4               + dynamic per-token 8/4-bit activations on every decoder Linear's input,
                               without rotations vs with R1-R4 (R4 rotates down_proj's input before quantizing)
+    learned R1-R4 + scales    as above with R3/R4 online (R4 fixed, in the learning loop), W4 RTN + A8
+      (KL) + W4A8
 
 RTN is ``service.quantization.fake_quantize`` applied to each weight (lm_head and embeddings stay in float);
 activation quantization is ``service.quantization_modifiers.attach_activation_quantization``.
 Reference (llm-compressor 0.14, WikiText-2 / TinyStories): W4 RTN 243.4 / 6.368; its R1+R2 + W4 219.0 / 6.908.
 
-    python3 bench/quality_rotations.py [--steps 40 --lr 0.005 --threads 2 --json out.json]
+    python3 bench/quality_rotations.py [--steps 150 --ce-steps 40 --lr 0.005 --threads 2 --json out.json]
 """
 
 import argparse
@@ -55,7 +60,8 @@ def rtn(model, args: QuantArgs = W4) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=150, help="learning steps with scales (KL)")
+    ap.add_argument("--ce-steps", type=int, default=40, help="learning steps without scales (CE)")
     ap.add_argument("--lr", type=float, default=0.005)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
@@ -76,10 +82,10 @@ def main(argv=None) -> None:
     def score(name: str, model, extra=None) -> None:
         started = time.perf_counter()
         rows[name] = {k: perplexity(model, ids, seq_len=512).ppl for k, ids in evals.items()} | (extra or {})
-        print(f"{name:<28}{rows[name]['wikitext']:>10.2f}{rows[name]['tinystories']:>12.3f}"
+        print(f"{name:<38}{rows[name]['wikitext']:>10.2f}{rows[name]['tinystories']:>12.3f}"
               f"   ({time.perf_counter() - started:.1f} s eval)", flush=True)
 
-    print(f"{'model':<28}{'WikiText-2':>10}{'TinyStories':>12}")
+    print(f"{'model':<38}{'WikiText-2':>10}{'TinyStories':>12}")
     score("dense", dense)
 
     def rotated(**kw):
@@ -103,13 +109,18 @@ def main(argv=None) -> None:
     rtn(model)
     score("R1+R2 (rand-had) + W4 RTN", model)
 
-    started = time.perf_counter()
-    model, report = rotated(rotations=["R1", "R2"], learnable=True, steps=a.steps, learning_rate=a.lr)
-    learned = report["learned"]
-    print(f"  learned: {a.steps} steps, lr {a.lr}, {time.perf_counter() - started:.1f} s; calibration loss "
-          f"{learned['initial_loss']:.4f} -> {learned['final_loss']:.4f} (W4 next-token loss, first 4 batches)")
-    rtn(model)
-    score("learned R1+R2 + W4 RTN", model, {"learn_seconds": learned["seconds"]})
+    def learned(name, steps, act=None, **kw):
+        model, report = rotated(learnable=True, steps=steps, learning_rate=a.lr, scale_learning_rate=a.lr, **kw)
+        got = report["learned"]
+        print(f"  learned: {steps} steps, lr {a.lr}, {got['seconds']:.1f} s; calibration {got['objective']} "
+              f"{got['initial_loss']:.4f} -> {got['final_loss']:.4f} (W4 model, first 4 batches)")
+        rtn(model)
+        if act is not None:
+            attach_activation_quantization(model, act)
+        score(name, model, {"learn_seconds": got["seconds"]})
+
+    learned("learned R1+R2 (CE) + W4 RTN", a.ce_steps, rotations=["R1", "R2"], learn_scales=False, objective="ce")
+    learned("learned R1+R2 + scales (KL) + W4 RTN", a.steps, rotations=["R1", "R2"])
 
     for bits in (8, 4):
         act = QuantArgs(num_bits=bits, symmetric=True, strategy="token", dynamic=True)
@@ -123,6 +134,8 @@ def main(argv=None) -> None:
         rtn(model)
         attach_activation_quantization(model, act)
         score(f"R1-R4 + W4A{bits}", model)
+        if bits == 8:
+            learned("learned R1-R4 + scales (KL) + W4A8", a.steps, act, rotations=["R1", "R2", "R3", "R4"])
 
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2))

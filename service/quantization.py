@@ -161,7 +161,8 @@ def _qdq(w: Tensor, args: QuantArgs, scale: Tensor, zero_point: Tensor) -> Tenso
 
 
 def fake_quantize(
-    w: Tensor, args: QuantArgs, scale: Tensor | None = None, zero_point: Tensor | None = None
+    w: Tensor, args: QuantArgs, scale: Tensor | None = None, zero_point: Tensor | None = None,
+    scale_grad: bool = False,
 ) -> Tensor:
     """Quantize-dequantize ``w``; same shape and dtype.
 
@@ -169,8 +170,18 @@ def fake_quantize(
     the straight-through estimator: ``d out / d w = 1`` everywhere (clipped values included), and
     no gradient flows into the scale, so a rotation ``R`` can be learned through
     ``fake_quantize(W @ R)``.
+
+    ``scale_grad=True`` (scale computed from ``w``): the same forward values, bit for bit, but the
+    scale (e.g. max|w| / 7.5) stays in the autograd graph and only the rounding is straight-through,
+    so ``d out / d w`` also carries the effect of ``w`` on its own scale, and clipped entries pass no
+    direct gradient. Learning per-channel scalings of ``w`` needs this: with the default, scaling a
+    row up or down changes nothing the gradient can see.
     """
     _check_params(scale, zero_point)
+    if scale_grad:
+        if scale is not None:
+            raise ValueError("scale_grad: the scale is computed from w; pass no scale and zero_point")
+        return _qdq_scale_grad(w, args)
     if scale is None:
         scale, zero_point = quantization_params(w, args)
     with torch.no_grad():
@@ -178,6 +189,19 @@ def fake_quantize(
     if not w.requires_grad:
         return out
     return w + (out - w).detach()
+
+
+def _qdq_scale_grad(w: Tensor, args: QuantArgs) -> Tensor:
+    # _qdq's arithmetic in the same order, with round() replaced by x + (round(x) - x).detach(): round(x) - x is
+    # exact in any float dtype (it keeps x's own fractional bits), so the sum is round(x) exactly.
+    lo, hi = observe_min_max(w, args)
+    scale, zero_point = qparams_from_min_max(lo, hi, args)
+    view = _grouped(w, args) if args.strategy == "group" else w
+    s = _expand(scale, w, args).to(w.dtype)
+    z = _expand(zero_point, w, args).to(w.dtype)
+    x = (view / s + z).clamp(args.q_min, args.q_max)
+    q = x + (x.round() - x).detach()
+    return ((q - z) * s).reshape(w.shape)
 
 
 def fake_quantize_activations(x: Tensor, args: QuantArgs) -> Tensor:

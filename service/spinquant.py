@@ -27,6 +27,17 @@ Three entry points, so the streaming pipeline can rotate one block at a time:
     finish_online(model, plan)                          # wrap the attention function for R3
 
 ``apply_spinquant(model, modifier, batches)`` composes them (and learns R1/R2 first when ``learnable``).
+
+Learned per-channel scalings (``learnable`` with ``learn_scales``, after OSTQuant, arXiv:2501.13987). Folding an
+RMSNorm's weight g into the Linears that read it is what lets R1 commute with the norm, but it also takes away g's
+role as a free per-input-channel quantization scale: stories260K's post_attention_layernorm gives its outlier
+channels a small g, and with g folded, Hadamard R1+R2 + W4 RTN is worse on TinyStories than no rotation (6.845 vs
+6.368). After R1 the norm weight is free again, so these scalings, exact for any positive s, t, u, are learned with
+R1/R2 and fused after them (before R4):
+
+    attn / mlp  [hidden]           norm weight / s, the norm's readers' columns (q/k/v; gate/up) * s
+    ud          [intermediate]     up_proj rows / t, down_proj columns * t        (SwiGLU is linear in up)
+    vo          [kv_heads * d]     v_proj rows / u, o_proj columns * u            (u shared by each GQA group)
 """
 
 from __future__ import annotations
@@ -160,6 +171,11 @@ class SpinQuantModifier(Modifier):
         Qwen3 when None
     :param seed: seed of the random transform types
     :param learning_rate, steps, momentum: Cayley SGD for ``learnable``
+    :param learn_scales: with ``learnable``, also learn the exact per-channel scalings (module docstring) with
+        Adam on their logarithms, at ``scale_learning_rate``
+    :param objective: what ``learnable`` minimises: "kl" (default), KL(dense logits || quantized model's logits)
+        on the calibration batches, or "ce", the quantized model's next-token loss (overfits the calibration
+        text: on stories260K it gains on WikiText and loses on TinyStories)
     :param quantization: weight quantization the learned rotations optimise for (``QuantArgs`` fields; default
         4-bit symmetric per-channel)
     """
@@ -175,11 +191,16 @@ class SpinQuantModifier(Modifier):
     mappings: SpinQuantMapping | None = None
     norm_mappings: list[NormMapping] | None = None
     seed: int = 0
-    # SpinQuant's paper uses lr 1.5 for 100 steps on 7B models; on stories260K that diverges, while 0.005 for 40
-    # steps (batches of 16 x 256 tokens) beats the fixed Hadamard start on both eval texts (bench/quality_rotations.py)
+    # SpinQuant's paper uses lr 1.5 for 100 steps on 7B models; on stories260K that diverges. With the scalings and
+    # the KL objective, 150 steps (batches of 16 x 256 tokens) at 0.005 for both: WikiText-2 / TinyStories 189.7 /
+    # 6.368 against plain W4 RTN's 243.4 / 6.368 (bench/quality_rotations.py); two other batch orders 195.6 / 6.327
+    # and 173.0 / 6.278. 40 steps are not enough: 193.6 / 6.554, still losing to plain RTN on TinyStories.
     learning_rate: float = 0.005
-    steps: int = 40
+    steps: int = 150
     momentum: float = 0.9
+    learn_scales: bool = True
+    objective: Literal["kl", "ce"] = "kl"
+    scale_learning_rate: float = 0.005
     quantization: dict[str, Any] | None = None
 
     @field_validator("rotations", mode="before")
@@ -195,8 +216,8 @@ class SpinQuantModifier(Modifier):
             raise ValueError(f"rotations: each of {', '.join(ROTATIONS)} at most once; got {self.rotations}")
         if self.transform_block_size is not None and self.transform_block_size <= 0:
             raise ValueError(f"transform_block_size: must be a positive integer; got {self.transform_block_size}")
-        if self.steps < 0 or self.learning_rate <= 0 or not 0 <= self.momentum < 1:
-            raise ValueError("steps must be >= 0, learning_rate > 0, momentum in [0, 1)")
+        if self.steps < 0 or self.learning_rate <= 0 or self.scale_learning_rate <= 0 or not 0 <= self.momentum < 1:
+            raise ValueError("steps must be >= 0, learning_rate and scale_learning_rate > 0, momentum in [0, 1)")
         if self.learnable and not {"R1", "R2"} & set(self.rotations):
             raise ValueError("learnable: learns R1 and R2; rotations must include at least one of them")
         if self.quantization is not None:
@@ -245,7 +266,9 @@ class SpinQuantPlan:
 
     ``r1`` is a ``RotationSpec`` (Hadamard kinds, fused with fwht) or a dense [hidden, hidden] float64 matrix
     (random-matrix, learned); ``r2`` holds one per layer, of head_dim (the same object for all layers unless
-    randomized or learned); ``r3``/``r4`` are online specs per layer index."""
+    randomized or learned); ``r3``/``r4`` are online specs per layer index. ``scales`` (learned, else None) are
+    the logarithms of the per-channel scalings, float64: "attn"/"mlp" [layers, hidden], "ud" [layers,
+    intermediate], "vo" [layers, num_kv_heads * head_dim] (module docstring)."""
 
     rotations: set[str]
     mapping: SpinQuantMapping
@@ -261,6 +284,7 @@ class SpinQuantPlan:
     r2: list[rot.Rotation] | None = None
     r3: list[rot.RotationSpec] | None = None
     r4: list[rot.RotationSpec] | None = None
+    scales: dict[str, torch.Tensor] | None = None
     learned: dict = field(default_factory=dict)
 
 
@@ -378,6 +402,77 @@ def _apply_leftover_scales(deferred: dict, precision: torch.dtype) -> None:
         rot.rotate_input(linear, None, precision=precision, input_scale=scale)
 
 
+def _scale_sites(named, plan: SpinQuantPlan, where: str) -> dict[str, Any]:
+    """Full names of the modules one block's learned scalings touch: "attn" and "mlp" are (norm, [its readers])
+    for the norm read by q_proj and the one read by the mlp_in Linears; "up" and "down" list the up_proj among
+    mlp_in (by name: SwiGLU is linear in up, not in gate) and the mlp_out Linears; "v" and "o" name v/o_proj."""
+    m = plan.mapping
+    q = _one(named, m.attn_q, "attn_q", where)
+    mlp_in = [(n, mod) for p in m.mlp_in for n, mod in _find(named, p)]
+    sites: dict[str, Any] = {}
+    for mapping in plan.norms:
+        for norm_name, norm in _find(named, mapping.norm):
+            if isinstance(norm, nn.Linear) or getattr(norm, "weight", None) is None or norm.weight.dim() != 1:
+                continue
+            readers = [(n, mod) for p in mapping.linears for n, mod in _find(named, p)]
+            if any(mod is q for _, mod in readers):
+                sites["attn"] = (norm_name, [n for n, _ in readers])
+            elif any(mod is mi for _, mod in readers for _, mi in mlp_in):
+                sites["mlp"] = (norm_name, [n for n, _ in readers])
+    sites["up"] = [n for n, _ in mlp_in if n.endswith("up_proj")]
+    sites["down"] = [n for p in m.mlp_out for n, _ in _find(named, p)]
+    sites["v"] = next(n for n, _ in _find(named, m.attn_v))
+    sites["o"] = next(n for n, _ in _find(named, m.attn_o))
+    if "attn" not in sites or "mlp" not in sites or len(sites["up"]) != 1:
+        raise ValueError(f"SpinQuantModifier.learn_scales: needs the norm read by q_proj, the norm read by mlp_in "
+                         f"and one up_proj among mlp_in in {where}; set learn_scales: false for this model")
+    return sites
+
+
+def _scale_tensors(tensors: dict[str, torch.Tensor], sites: dict[str, Any], log_scales: dict[str, torch.Tensor],
+                   plan: SpinQuantPlan) -> dict[str, torch.Tensor]:
+    """One block's parameters after its scalings (module docstring); the same function of the weights whether
+    they are being learned or fused. ``tensors`` maps parameter names (``<module>.weight``/``.bias``, the two
+    norms' weights included) to tensors in one float dtype; ``log_scales`` holds this layer's logarithms, "attn"
+    and "mlp" [hidden], "ud" [intermediate], "vo" [num_kv_heads * head_dim]. Returns a new dict (differentiable
+    in both arguments); every scaling is exact for any log-scales."""
+    out = dict(tensors)
+    dtype = next(iter(tensors.values())).dtype
+    exp = {k: v.exp().to(dtype) for k, v in log_scales.items()}
+    for key in ("attn", "mlp"):  # the norm's output is n(x) * g / s, its readers see it times s
+        norm, readers = sites[key]
+        out[norm + ".weight"] = out[norm + ".weight"] / exp[key]
+        for name in readers:
+            out[name + ".weight"] = out[name + ".weight"] * exp[key]
+    groups = plan.num_heads // plan.num_kv_heads
+    # o_proj's input of query head i is the value of kv head i // groups, so u repeats per group
+    u_o = exp["vo"].view(plan.num_kv_heads, 1, plan.head_dim).expand(-1, groups, -1).reshape(-1)
+    for writers, readers, t, t_in in ((sites["up"], sites["down"], exp["ud"], exp["ud"]),
+                                      ([sites["v"]], [sites["o"]], exp["vo"], u_o)):
+        for name in writers:  # output rows (and bias) / t
+            out[name + ".weight"] = out[name + ".weight"] / t[:, None]
+            if name + ".bias" in out:
+                out[name + ".bias"] = out[name + ".bias"] / t
+        for name in readers:  # input columns * t
+            out[name + ".weight"] = out[name + ".weight"] * t_in
+    return out
+
+
+@torch.no_grad()
+def _fuse_scales(named, plan: SpinQuantPlan, index: int, where: str) -> None:
+    """Fuse layer ``index``'s learned scalings into the block's norms and Linears, in the fusion precision."""
+    sites = _scale_sites(named, plan, where)
+    modules = dict(named)
+    names = [sites["attn"][0], sites["mlp"][0], *sites["attn"][1], *sites["mlp"][1], *sites["up"], *sites["down"],
+             sites["v"], sites["o"]]
+    params = {f"{n}.{a}": getattr(modules[n], a) for n in dict.fromkeys(names) for a in ("weight", "bias")
+              if getattr(modules[n], a, None) is not None}
+    tensors = {k: p.detach().to(plan.precision) for k, p in params.items()}
+    scaled = _scale_tensors(tensors, sites, {k: v[index] for k, v in plan.scales.items()}, plan)
+    for key, p in params.items():
+        p.copy_(scaled[key])
+
+
 def _outside(model: nn.Module, blocks: list[tuple[str, nn.Module]] | None) -> list[tuple[str, nn.Module]]:
     """Named modules of the model that are not inside a decoder block."""
     from service.pipeline import find_blocks
@@ -408,9 +503,10 @@ def rotate_outside(model: nn.Module, plan: SpinQuantPlan, blocks=None) -> dict:
 @torch.no_grad()
 def rotate_block(block: nn.Module, name: str, index: int, plan: SpinQuantPlan) -> dict:
     """Rotate one decoder layer in place: fuse its norms (with R1 only), R1 on residual readers/writers, R2 on
-    v/o per head, R4 fused into down_proj with its online hook, R3 marked on the attention module
-    (``finish_online`` switches the model's attention function). ``name`` is the block's full dotted name, for
-    the mapping patterns."""
+    v/o per head, the plan's learned scalings (if any; the norms' weights become 1/s), R4 fused into down_proj
+    with its online hook (after the scalings: R4's inverse then absorbs down_proj's scaled columns), R3 marked on
+    the attention module (``finish_online`` switches the model's attention function). ``name`` is the block's
+    full dotted name, for the mapping patterns."""
     named = _named(block, name)
     where = f"block {name}"
     m = plan.mapping
@@ -430,6 +526,8 @@ def rotate_block(block: nn.Module, name: str, index: int, plan: SpinQuantPlan) -
     if plan.r2 is not None:
         rot.rotate_heads_output(v, plan.r2[index], plan.head_dim, precision=precision)
         rot.rotate_heads_input(o, plan.r2[index], plan.head_dim, plan.num_kv_heads, precision=precision)
+    if plan.scales is not None:
+        _fuse_scales(named, plan, index, where)
     if plan.r4 is not None:
         for down in mlp_out:
             rot.attach_r4(down, plan.r4[index], precision=precision)
@@ -469,7 +567,9 @@ def apply_spinquant(model: nn.Module, modifier: SpinQuantModifier, batches=None,
         args = quant_args if quant_args is not None else _quant_args(modifier.quantization)
         plan.learned = learn_rotations(model, plan, batches, args, steps=modifier.steps,
                                        learning_rate=modifier.learning_rate, momentum=modifier.momentum,
-                                       blocks=blocks)
+                                       blocks=blocks, learn_scales=modifier.learn_scales,
+                                       scale_learning_rate=modifier.scale_learning_rate,
+                                       objective=modifier.objective)
     report = rotate_outside(model, plan, blocks)
     for index, (name, block) in enumerate(blocks):
         report["norms_fused"] += rotate_block(block, name, index, plan)["norms_fused"]
@@ -507,10 +607,13 @@ def cayley_sgd_step(x: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Ten
     return x_new, m
 
 
-def _rotated_parameters(model, plan, named_blocks, r1, r2s, quantize) -> dict[str, torch.Tensor]:
+def _rotated_parameters(model, plan, named_blocks, r1, r2s, quantize, log_scales=None) -> dict[str, torch.Tensor]:
     """Model parameters with R1/R2 applied (as differentiable functions of r1 [h, h] and r2s [layers, d, d]) and
-    the decoder Linears fake-quantized. Norms must already be fused (their weights are ones). With R4 planned,
-    mlp_out weights also carry R4 (its online hook must be attached, unfused, for the forward to match)."""
+    the decoder Linears fake-quantized. Norms must already be fused when R1 is given (their weights are ones).
+    With ``log_scales`` (the plan's ``scales`` layout, may require grad) the per-channel scalings follow R1/R2,
+    as in rotate_block, and the two norms' weights of each block are returned too. With R4 planned, mlp_out
+    weights also carry R4, after the scalings (its online hook must be attached, unfused, for the forward to
+    match)."""
     # Built in the fusion precision and cast once, like rotate_block, so the weights quantized here are (to an
     # ulp) the ones apply_spinquant writes; a float32 product moves enough of them across RTN steps to matter.
     dtype, work = next(model.parameters()).dtype, plan.precision
@@ -518,10 +621,11 @@ def _rotated_parameters(model, plan, named_blocks, r1, r2s, quantize) -> dict[st
     m = plan.mapping
     r1 = r1.to(work) if r1 is not None else None
     outside = _outside(model, named_blocks)
+    parameters = dict(model.named_parameters())
     if r1 is not None:
         for field_name in ("embedding", "lm_head"):
             name = next(n for n, mod in outside if matches(n, mod, getattr(m, field_name)))
-            w = dict(model.named_parameters())[name + ".weight"]
+            w = parameters[name + ".weight"]
             out[name + ".weight"] = (w.to(work) @ r1).to(dtype)
     for index, (block_name, block) in enumerate(named_blocks):
         named = _named(block, block_name)
@@ -534,6 +638,8 @@ def _rotated_parameters(model, plan, named_blocks, r1, r2s, quantize) -> dict[st
         writers = name_of(m.attn_o) + mlp_out
         r2 = r2s[index].to(work) if r2s is not None else None
         modules = dict(named)
+        linears = set(readers + writers)
+        tensors: dict[str, torch.Tensor] = {}
         for name in readers + writers:
             linear = modules[name]
             w = linear.weight.to(work)
@@ -548,32 +654,53 @@ def _rotated_parameters(model, plan, named_blocks, r1, r2s, quantize) -> dict[st
                 b = b @ big if b is not None else None
             if r2 is not None and name in name_of(m.attn_o):
                 w = w @ rot.head_rotation(r2, w.shape[1] // plan.head_dim)
-            if plan.r4 is not None and name in mlp_out:
-                w = plan.r4[index].apply(w)  # R4's fused inverse (the online hook is attached during learning)
-            out[name + ".weight"] = quantize(w.to(dtype))
+            tensors[name + ".weight"] = w
             if b is not None:
-                out[name + ".bias"] = b.to(dtype)
+                tensors[name + ".bias"] = b
+        if log_scales is not None:
+            sites = _scale_sites(named, plan, f"block {block_name}")
+            for norm in (sites["attn"][0], sites["mlp"][0]):
+                tensors[norm + ".weight"] = parameters[norm + ".weight"].to(work)
+            tensors = _scale_tensors(tensors, sites, {k: v[index] for k, v in log_scales.items()}, plan)
+        for key, value in tensors.items():
+            module_name, kind = key.rsplit(".", 1)
+            if kind == "weight" and module_name in linears:
+                if plan.r4 is not None and module_name in mlp_out:
+                    value = plan.r4[index].apply(value)  # R4's fused inverse (the online hook is attached)
+                out[key] = quantize(value.to(dtype))
+            else:
+                out[key] = value.to(dtype)
     return out
 
 
 def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, *, steps: int,
-                    learning_rate: float, momentum: float = 0.9, blocks=None) -> dict:
-    """Learn R1 (and per-layer R2) that minimise the next-token loss of the model whose decoder Linears are
-    fake-quantized with ``quant_args`` (straight-through gradients), starting from the plan's rotations, with
-    ``cayley_sgd_step``. Prepares the model first (untie, fuse norms: exact and idempotent); writes the learned
-    matrices into ``plan`` (float64) and returns ``{"losses": [per step], "initial_loss", "final_loss", "steps",
-    "seconds"}``, the initial/final losses being means over the same first (up to 4) batches.
+                    learning_rate: float, momentum: float = 0.9, blocks=None, learn_scales: bool = False,
+                    scale_learning_rate: float = 0.005, objective: Literal["kl", "ce"] = "ce") -> dict:
+    """Learn R1 (and per-layer R2), and with ``learn_scales`` the per-channel scalings, for the model whose
+    decoder Linears are fake-quantized with ``quant_args`` (straight-through gradients), starting from the plan's
+    rotations and scalings of 1. R moves by ``cayley_sgd_step``; the log-scales by Adam at ``scale_learning_rate``.
+    The loss (``objective``): "ce", the quantized model's next-token loss, or "kl", KL(dense || quantized) of the
+    next-token distributions, mean over tokens, the dense logits coming from the same rotated parameters with no
+    quantizer. Prepares the model first (untie, fuse norms with R1: exact and idempotent); writes the learned
+    matrices (and ``scales``) into ``plan`` (float64) and returns ``{"losses": [per step], "initial_loss",
+    "final_loss", "objective", "steps", "seconds"}``, the initial/final losses being means over the same first
+    (up to 4) batches. The defaults here (no scalings, "ce") are the behaviour before scalings existed; the
+    modifier passes its own (scalings, "kl").
 
     Needs the whole model in memory and autograd through it: the loss depends on every rotated weight.
     ``batches`` are dicts with ``input_ids``; steps cycle through them. A planned R4 is in the loop (fixed);
     R3 is not (it changes no Linear). Activation fake-quant hooks already on the model (e.g.
-    ``attach_activation_quantization`` for W4A4) stay active, so the rotations are then learned for that too.
+    ``attach_activation_quantization`` for W4A4) stay active, so the rotations are then learned for that too
+    (the "kl" reference then also passes through them).
     """
+    import torch.nn.functional as F
     from torch.func import functional_call
 
     from service.pipeline import find_blocks
     from service.quantization import fake_quantize
 
+    if objective not in ("kl", "ce"):
+        raise ValueError(f"objective: 'kl' or 'ce'; got {objective!r}")
     started = time.perf_counter()
     blocks = blocks if blocks is not None else find_blocks(model, None)
     with torch.no_grad():
@@ -587,6 +714,14 @@ def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, 
     r2 = torch.stack([rot.dense(r) for r in plan.r2]) if plan.r2 is not None else None  # [layers, d, d]
     state = {"r1": (r1, torch.zeros_like(r1) if r1 is not None else None),
              "r2": (r2, torch.zeros_like(r2) if r2 is not None else None)}
+    device = next(model.parameters()).device
+    thetas, adam = None, None
+    if learn_scales:
+        sizes = {"attn": plan.hidden, "mlp": plan.hidden, "ud": plan.intermediate,
+                 "vo": plan.num_kv_heads * plan.head_dim}
+        thetas = {k: torch.zeros(plan.num_layers, n, dtype=torch.float64, device=device, requires_grad=True)
+                  for k, n in sizes.items()}
+        adam = torch.optim.Adam(list(thetas.values()), lr=scale_learning_rate)
     training = model.training
     model.eval()  # no dropout; gradients still flow
     requires = {p: p.requires_grad for p in model.parameters()}
@@ -603,22 +738,42 @@ def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, 
                     rot.attach_r4(module, plan.r4[index], fuse=False)
                     r4_modules.append(module)
 
-    def loss_of(r1_, r2_, batch) -> torch.Tensor:
-        params = _rotated_parameters(model, plan, blocks, r1_, r2_, lambda w: fake_quantize(w, quant_args))
+    # With the plain STE a scaling's gradient is the unquantized weight's; scale_grad also lets it see that scaling
+    # a row moves the row's quantization step (max|w| / 7.5) with it (test_fake_quantize_scale_grad_...).
+    def quantize(w):
+        return fake_quantize(w, quant_args, scale_grad=learn_scales)
+
+    def loss_of(r1_, r2_, th, batch) -> torch.Tensor:
         ids = batch["input_ids"]
-        return functional_call(model, params, args=(), kwargs={"input_ids": ids, "labels": ids}, strict=False).loss
+        params = _rotated_parameters(model, plan, blocks, r1_, r2_, quantize, th)
+        if objective == "ce":
+            return functional_call(model, params, args=(), kwargs={"input_ids": ids, "labels": ids},
+                                   strict=False).loss
+        logits = functional_call(model, params, args=(), kwargs={"input_ids": ids}, strict=False).logits
+        with torch.no_grad():  # any exact rotation gives the dense function; the current one is at hand
+            ref = functional_call(model, _rotated_parameters(model, plan, blocks, r1_, r2_, lambda w: w), args=(),
+                                  kwargs={"input_ids": ids}, strict=False).logits
+        dense_lp = F.log_softmax(ref.float(), dim=-1).flatten(0, -2)
+        quant_lp = F.log_softmax(logits.float(), dim=-1).flatten(0, -2)
+        return F.kl_div(quant_lp, dense_lp, log_target=True, reduction="batchmean")
+
+    def fixed(th):
+        return None if th is None else {k: v.detach() for k, v in th.items()}
 
     losses = []
     held = batches[: min(len(batches), 4)]  # the loss before/after is measured on the same batches
     try:
         with torch.no_grad():
-            initial = [loss_of(state["r1"][0], state["r2"][0], b).item() for b in held]
+            initial = [loss_of(state["r1"][0], state["r2"][0], fixed(thetas), b).item() for b in held]
         for step in range(steps):
             batch = batches[step % len(batches)]
             leaves = {k: v[0].detach().requires_grad_(True) for k, v in state.items() if v[0] is not None}
-            loss = loss_of(leaves.get("r1"), leaves.get("r2"), batch)
+            loss = loss_of(leaves.get("r1"), leaves.get("r2"), thetas, batch)
             loss.backward()
             losses.append(loss.item())
+            if adam is not None:
+                adam.step()
+                adam.zero_grad()
             with torch.no_grad():
                 for key, leaf in leaves.items():
                     x, buf = state[key]
@@ -629,7 +784,7 @@ def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, 
                                  for i in range(x.shape[0])]
                         state[key] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
         with torch.no_grad():
-            final = [loss_of(state["r1"][0], state["r2"][0], b).item() for b in held]
+            final = [loss_of(state["r1"][0], state["r2"][0], fixed(thetas), b).item() for b in held]
     finally:
         for p, flag in requires.items():
             p.requires_grad_(flag)
@@ -640,6 +795,7 @@ def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, 
         plan.r1 = state["r1"][0]
     if state["r2"][0] is not None:
         plan.r2 = list(state["r2"][0])
+    if thetas is not None:
+        plan.scales = fixed(thetas)
     return {"losses": losses, "initial_loss": sum(initial) / len(initial), "final_loss": sum(final) / len(final),
-            "steps": steps,
-            "seconds": time.perf_counter() - started}
+            "objective": objective, "steps": steps, "seconds": time.perf_counter() - started}

@@ -293,22 +293,28 @@ def test_learning_with_r4_in_the_loop_matches_the_rotated_quantized_model(storie
     dense, ids, _ = stories
     args = QuantArgs(num_bits=4)
 
-    def learned_and_actual(rotations):
+    def learned_and_actual(rotations, objective="ce"):
         model = copy.deepcopy(dense)
-        modifier = sq.SpinQuantModifier(rotations=rotations, learnable=True, steps=0)
+        modifier = sq.SpinQuantModifier(rotations=rotations, learnable=True, steps=0, objective=objective)
         report = sq.apply_spinquant(model, modifier, [{"input_ids": ids}], quant_args=args)
         with torch.no_grad():
             for layer in model.model.layers:
                 for module in layer.modules():
                     if isinstance(module, torch.nn.Linear):
                         module.weight.copy_(fake_quantize(module.weight, args))
-            return report, model(ids, labels=ids).loss.item()
+            out = model(ids, labels=ids)
+            if objective == "kl":  # KL(dense || quantized), mean over tokens
+                dense_lp = torch.log_softmax(logits(dense, ids), -1)[0]
+                return report, (dense_lp.exp() * (dense_lp - torch.log_softmax(out.logits, -1)[0])).sum(-1).mean()
+            return report, out.loss.item()
 
     report, with_r4 = learned_and_actual(["R1", "R2", "R4"])
     _, without_r4 = learned_and_actual(["R1", "R2"])
     assert report["learned"]["initial_loss"] == pytest.approx(with_r4, abs=4e-3)
     assert abs(with_r4 - without_r4) > 1e-2
     assert set(report["online_transforms"]) == {"R4"}  # learning's temporary hooks are gone, the final ones on
+    report, kl = learned_and_actual(["R1", "R2", "R4"], "kl")  # the default objective measures the same model
+    assert report["learned"]["objective"] == "kl" and report["learned"]["initial_loss"] == pytest.approx(kl, rel=0.05)
 
 
 def test_without_r1_norms_and_embeddings_are_left_alone():
@@ -320,4 +326,131 @@ def test_without_r1_norms_and_embeddings_are_left_alone():
     assert report["norms_fused"] == 0 and not report["untied"]
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.equal(model.model.layers[0].input_layernorm.weight, dense.model.layers[0].input_layernorm.weight)
+    assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3
+
+
+# ------------------------------------------------------------------------------ learned per-channel scalings
+
+
+def random_scales(plan, sigma=0.3, seed=0):
+    """Log-scales in the plan's layout: s = exp(sigma * N(0, 1)), far from 1 so a wrong fusion shows."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = {"attn": plan.hidden, "mlp": plan.hidden, "ud": plan.intermediate,
+             "vo": plan.num_kv_heads * plan.head_dim}
+    return {k: sigma * torch.randn(plan.num_layers, n, generator=g, dtype=torch.float64) for k, n in sizes.items()}
+
+
+def rotate_with(model, rotations, scales=True, kind="random-hadamard"):
+    """apply_spinquant's path with the plan's scales set (random) instead of learned; returns the plan."""
+    from service.pipeline import find_blocks
+
+    plan = sq.spinquant_plan(model.config, sq.SpinQuantModifier(rotations=rotations, transform_type=kind),
+                             *sq.infer_mappings(model))
+    plan.scales = random_scales(plan) if scales else None
+    blocks = find_blocks(model, None)
+    sq.rotate_outside(model, plan, blocks)
+    for index, (name, block) in enumerate(blocks):
+        sq.rotate_block(block, name, index, plan)
+    sq.finish_online(model, plan)
+    return plan
+
+
+@pytest.mark.parametrize("which", ["stories260k", "qwen2", "llama-pow2"])
+def test_scales_fused_keep_the_function(stories, which):
+    """Random scalings (exp(0.3 N), so up to ~3x either way) with R1-R4 online: still the dense function."""
+    if which == "stories260k":
+        dense, ids, _ = stories
+    else:  # GQA (4 query heads on 2 KV heads); Qwen2's q/k/v biases exercise v's bias / u
+        dense, ids = build(TINY[which]()), torch.randint(0, 512, (2, 64))
+    for rotations in (["R1", "R2"], ALL):
+        model = copy.deepcopy(dense)
+        rotate_with(model, rotations)
+        assert not torch.allclose(model.model.layers[0].input_layernorm.weight, torch.ones(1))
+        assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3, (which, rotations)
+
+
+def test_scales_are_fused_where_specified():
+    """Against the same rotations without scales: norm weight 1/s, q/k/v and gate/up columns * s, up rows / t,
+    down columns * t, v rows (and bias) / u, o columns * u repeated over each GQA group."""
+    dense = build(TINY["qwen2"]())
+    plain, scaled = copy.deepcopy(dense), copy.deepcopy(dense)
+    rotate_with(plain, ["R1", "R2"], scales=False, kind="hadamard")
+    plan = rotate_with(scaled, ["R1", "R2"], kind="hadamard")
+    for i, (a, b) in enumerate(zip(plain.model.layers, scaled.model.layers)):
+        s_a, s_m, t_, u = (plan.scales[k][i].exp().float() for k in ("attn", "mlp", "ud", "vo"))
+        u_o = u.view(2, 1, 16).expand(-1, 2, -1).reshape(-1)  # 4 heads of 16 on 2 KV heads
+
+        def close(x, y):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+        close(b.input_layernorm.weight, 1 / s_a)
+        close(b.post_attention_layernorm.weight, 1 / s_m)
+        close(b.self_attn.q_proj.weight, a.self_attn.q_proj.weight * s_a)
+        close(b.self_attn.k_proj.weight, a.self_attn.k_proj.weight * s_a)
+        close(b.self_attn.v_proj.weight, a.self_attn.v_proj.weight * s_a / u[:, None])
+        close(b.self_attn.v_proj.bias, a.self_attn.v_proj.bias / u)
+        close(b.self_attn.k_proj.bias, a.self_attn.k_proj.bias)
+        close(b.self_attn.o_proj.weight, a.self_attn.o_proj.weight * u_o)
+        close(b.mlp.gate_proj.weight, a.mlp.gate_proj.weight * s_m)
+        close(b.mlp.up_proj.weight, a.mlp.up_proj.weight * s_m / t_[:, None])
+        close(b.mlp.down_proj.weight, a.mlp.down_proj.weight * t_)
+    assert torch.equal(plain.model.layers[0].input_layernorm.weight, torch.ones(64))  # no scales: norms stay fused
+    model = copy.deepcopy(dense)  # learnable=False plans no scales
+    sq.apply_spinquant(model, sq.SpinQuantModifier(rotations=ALL))
+    assert all(torch.equal(layer.post_attention_layernorm.weight, torch.ones(64)) for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("args", [{"num_bits": 4}, {"num_bits": 4, "symmetric": False},
+                                  {"num_bits": 4, "strategy": "group", "group_size": 16},
+                                  {"num_bits": 8, "strategy": "tensor"}])
+def test_fake_quantize_scale_grad_is_bit_identical_and_differentiates_the_scale(args):
+    from service.quantization import QuantArgs, fake_quantize, quantization_params
+
+    args = QuantArgs(**args)
+    torch.manual_seed(0)
+    w = torch.randn(32, 64) * torch.rand(32, 1)
+    w[3] = 0  # an all-zero row: eps scale
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = w.to(dtype).requires_grad_(True)
+        assert torch.equal(fake_quantize(x, args, scale_grad=True), fake_quantize(w.to(dtype), args))
+    # a row scaling e^theta scales the symmetric RTN output by e^theta exactly, so d out / d theta = out; the
+    # default STE gives w instead (no gradient through max|w|), scale_grad the true derivative
+    if args.symmetric and args.strategy == "channel":
+        c = torch.randn(32, 64)
+        grads = {}
+        for flag in (False, True):
+            theta = torch.zeros(32, 1, requires_grad=True)
+            out = fake_quantize(w * theta.exp(), args, scale_grad=flag)
+            (out * c).sum().backward()
+            grads[flag] = theta.grad.flatten()
+        truth = (fake_quantize(w, args) * c).sum(-1)
+        torch.testing.assert_close(grads[True], truth, rtol=1e-5, atol=1e-5)
+        assert (grads[False] - truth).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="scale_grad"):
+        fake_quantize(w, args, *quantization_params(w, args), scale_grad=True)
+
+
+def test_learned_scales_lower_the_kl_and_stay_exact(stories):
+    from service.calibration_data import calibration_tokens
+    from service.quantization import QuantArgs
+
+    dense, ids, _ = stories
+    tok = load_tokenizer(STORIES)
+    batches = [{"input_ids": calibration_tokens(WIKI_VALID, tok, 2, 256)}]
+    model = copy.deepcopy(dense)
+    modifier = sq.SpinQuantModifier(learnable=True, steps=8)
+    assert modifier.learn_scales and modifier.objective == "kl"
+    plan = sq.spinquant_plan(model.config, modifier, *sq.infer_mappings(model))
+    learned = sq.learn_rotations(model, plan, batches, QuantArgs(num_bits=4), steps=8, learning_rate=0.005,
+                                 learn_scales=True, objective="kl")
+    assert learned["final_loss"] < 0.95 * learned["initial_loss"], learned
+    assert rot_error(plan.r1) < 1e-10 and all(rot_error(r) < 1e-10 for r in plan.r2)
+    assert set(plan.scales) == {"attn", "mlp", "ud", "vo"}
+    assert plan.scales["ud"].shape == (5, 172) and plan.scales["vo"].shape == (5, 32)  # 4 KV heads of 8
+    assert all(v.dtype == torch.float64 and v.abs().max() > 1e-3 for v in plan.scales.values())
+
+    model = copy.deepcopy(dense)  # the full path, R1-R4: learned scales fused, the same function
+    report = sq.apply_spinquant(model, modifier.model_copy(update={"rotations": ALL}), batches)
+    assert report["learned"]["objective"] == "kl" and len(report["learned"]["losses"]) == 8
+    assert not torch.allclose(model.model.layers[0].post_attention_layernorm.weight, torch.ones(1))
     assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3
