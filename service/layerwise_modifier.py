@@ -14,7 +14,7 @@ import time
 from typing import Any, ClassVar
 
 import torch
-from pydantic import PrivateAttr
+from pydantic import PrivateAttr, field_validator
 from torch import nn
 
 from service.hessian import HessianAccumulator, InputNormAccumulator
@@ -108,3 +108,32 @@ class LayerwiseModifier(Modifier):
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
         self._statistics.clear()
         return True
+
+
+class HessianSolverModifier(LayerwiseModifier):
+    """The arguments SparseGPT and GPTQ share: both solve with the input Hessian, in column blocks.
+
+    :param block_size: columns solved together (lazy batch updates)
+    :param dampening_frac: fraction of the mean Hessian diagonal added to it before inverting
+    :param offload_hessians: keep each Hessian on the CPU except while it is updated or used
+    """
+
+    statistic: ClassVar[str | None] = "hessian"
+
+    block_size: int = 128
+    dampening_frac: float = 0.01
+    offload_hessians: bool = False
+
+    @field_validator("block_size")
+    @classmethod
+    def _positive_block(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"block_size must be an integer >= 1 (got {value})")
+        return value
+
+    @field_validator("dampening_frac")
+    @classmethod
+    def _non_negative_damp(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError(f"dampening_frac must be >= 0 (got {value})")
+        return value

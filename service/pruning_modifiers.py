@@ -21,7 +21,7 @@ from torch import nn
 from service.lifecycle import State
 from service.magnitude import magnitude_prune
 from service.masks import parse_mask_structure
-from service.layerwise_modifier import LayerwiseModifier
+from service.layerwise_modifier import HessianSolverModifier, LayerwiseModifier
 from service.recipe import register_modifier
 from service.sparsegpt import sparsegpt_prune
 from service.targets import as_patterns, set_weight_matrix, weight_matrix
@@ -228,28 +228,10 @@ class SparsityModifierBase(LayerwiseModifier):
 
 
 @register_modifier
-class SparseGPTModifier(SparsityModifierBase):
+class SparseGPTModifier(HessianSolverModifier, SparsityModifierBase):
     """SparseGPT (Frantar & Alistarh 2023): OBS-style pruning with error compensation from the input Hessian."""
 
     statistic: ClassVar[str | None] = "hessian"
-
-    block_size: int = 128
-    dampening_frac: float = 0.01
-    offload_hessians: bool = False
-
-    @field_validator("block_size")
-    @classmethod
-    def _positive_block(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"block_size must be an integer >= 1 (got {value})")
-        return value
-
-    @field_validator("dampening_frac")
-    @classmethod
-    def _non_negative_damp(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError(f"dampening_frac must be >= 0 (got {value})")
-        return value
 
     def _prune(self, weight, statistic, sparsity):
         result = sparsegpt_prune(

@@ -26,7 +26,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from service.gptq import ACTORDERS, gptq_quantize
-from service.layerwise_modifier import LayerwiseModifier
+from service.layerwise_modifier import HessianSolverModifier, LayerwiseModifier
 from service.quantization import QuantArgs, fake_quantize, fake_quantize_activations, quantization_params
 from service.recipe import register_modifier
 from service.targets import as_patterns, compressible_modules, matches_any, set_weight_matrix, weight_matrix
@@ -252,7 +252,7 @@ class QuantizationModifier(QuantizationModifierBase):
 
 
 @register_modifier
-class GPTQModifier(QuantizationModifierBase):
+class GPTQModifier(HessianSolverModifier, QuantizationModifierBase):
     """GPTQ (Frantar et al. 2022): column-by-column quantization with OBS error compensation.
 
     ``actorder`` here applies to every group whose weights do not set their own. Weights that are
@@ -261,25 +261,8 @@ class GPTQModifier(QuantizationModifierBase):
 
     statistic: ClassVar[str | None] = "hessian"
 
-    block_size: int = 128
-    dampening_frac: float = 0.01
     actorder: str | None = None
-    offload_hessians: bool = False
     preserve_sparsity_mask: bool = True
-
-    @field_validator("block_size")
-    @classmethod
-    def _positive_block(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"block_size must be an integer >= 1 (got {value})")
-        return value
-
-    @field_validator("dampening_frac")
-    @classmethod
-    def _non_negative_damp(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError(f"dampening_frac must be >= 0 (got {value})")
-        return value
 
     @field_validator("actorder")
     @classmethod
