@@ -733,6 +733,8 @@ class Publisher:
                 raise _bad(field, f"{self.store.uri()} already holds a published output ({MANIFEST_NAME}); choose "
                                   "another location or overwrite it explicitly")
             self._old = self.store.read_manifest("")
+            # The old output stops being complete as soon as the first file is replaced: no manifest may vouch for it.
+            self.store.delete_keys([MANIFEST_NAME])
         self._staging = Path(staging)
         self._staging.mkdir(parents=True, exist_ok=True)
         # One upload at a time: the point is to overlap uploading with compressing, not to saturate the link.
@@ -788,8 +790,6 @@ class Publisher:
             if key not in self._uploads:
                 self.add(path, key)
         entries = sorted((future.result() for future in self._uploads.values()), key=lambda e: e.key)
-        if self._old is not None:
-            self.store.delete_keys([MANIFEST_NAME])  # the old output is no longer complete from here on
         manifest = self.store._write_manifest("", entries, extra)
         self._done = True
         if self._old is not None:

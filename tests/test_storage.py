@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from service import storage
-from service.storage import (MANIFEST_NAME, LocalStore, S3Store, StorageError, check_key, fetch, open_store,
-                             parse_uri, publish_directory)
+from service.storage import (MANIFEST_NAME, LocalStore, Publisher, S3Store, StorageError, check_key, fetch,
+                             open_store, parse_uri, publish_directory)
 
 # Files of a small model output: nested folders, an empty file, a name with a space.
 TREE = {
@@ -185,6 +185,12 @@ def test_local_publish_round_trip(tmp_path):
     assert read_tree(out) == {"config.json": b"{}", "weights.safetensors": b"w" * 10,
                               MANIFEST_NAME: (out / MANIFEST_NAME).read_bytes()}
     assert [f.key for f in manifest2.files] == ["config.json", "weights.safetensors"]
+    # While an overwrite uploads, no manifest vouches for the half-replaced files.
+    with Publisher(out, staging=tmp_path / "staging", overwrite=True) as publisher:
+        assert not (out / MANIFEST_NAME).exists()
+        publisher.add(new_src / "config.json", "config.json")
+        publisher.finish(new_src)
+    assert (out / MANIFEST_NAME).exists()
 
     store.delete_prefix("")
     assert not out.exists()
