@@ -313,7 +313,7 @@ class StreamedBlocks:
 def _stream_stage(
     source_dir: Path, target_dir: Path, modifiers, tokens, device, *, mode, trust_remote_code, batch_size,
     report: ReportBuilder, on_shard: Callable[[Path, str], None] | None = None, quantized_format: bool = False,
-) -> dict | None:
+) -> dict:
     """One recipe stage from the checkpoint in ``source_dir`` to shards in ``target_dir``; what config.json must
     change: ``quantization_config`` (with ``quantized_format``, when something was quantized),
     ``tie_word_embeddings`` (when a rotation untied the head)."""
@@ -445,10 +445,13 @@ def compress_checkpoint(
         tokens = calibration_tokens(dataset, tokenizer, num_samples, seq_len, seed=seed, sampling=sampling)
 
     for stage in recipe.stages[:-1]:
-        quantizers = [type(m).__name__ for m in stage.modifiers if _quantizes(m)]
-        if quantizers:
-            raise ValueError(f"recipe: {', '.join(quantizers)} in stage {stage.name!r} must be in the last stage: "
-                             "a quantized checkpoint is the final format")
+        # A later stage streams the checkpoint this one writes, which holds neither quantization nor online
+        # rotations in a form it reads back: both belong to the output, so to the last stage.
+        final_only = [type(m).__name__ for m in stage.modifiers
+                      if _quantizes(m) or set(getattr(m, "rotations", ())) & {"R3", "R4"}]
+        if final_only:
+            raise ValueError(f"recipe: {', '.join(final_only)} in stage {stage.name!r} must be in the last stage: "
+                             "quantization and online rotations (R3, R4) are the final checkpoint's format")
 
     config_changes: dict = {}
     with AtomicDirectory(output, overwrite=overwrite) as out:

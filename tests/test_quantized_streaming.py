@@ -153,6 +153,13 @@ def test_streamed_online_rotations_are_recorded_and_read_back_by_ours_and_by_com
         assert (fused_only(probe).logits - expected).abs().max() < 1e-3
 
 
+def test_online_rotations_in_an_early_stage_are_refused(tmp_path):
+    recipe = ONLINE + SPARSE_THEN_GPTQ.split("quantization_stage:")[0].replace("sparsity_stage", "later_stage")
+    with pytest.raises(ValueError, match="SpinQuantModifier in stage 'rotation_stage' must be in the last stage"):
+        compress_checkpoint(STORIES, recipe, tmp_path / "out", dataset=CALIB, num_samples=4, seq_len=32)
+    assert not (tmp_path / "out").exists()
+
+
 def test_streaming_refuses_learned_rotations_with_a_clear_error(tmp_path):
     recipe = "rotation_stage:\n  rotation_modifiers:\n    SpinQuantModifier: {rotations: [R1], learnable: true}\n"
     field = "learnable"
