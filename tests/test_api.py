@@ -64,26 +64,34 @@ def local_ray():
         yield
 
 
-@pytest.fixture(scope="module")
-def env_server(local_ray, tmp_path_factory):
-    """The API with the real RayDispatcher, for the tests of HTTP itself (validation, auth, idempotency, paging,
-    events, health, OpenAPI): their jobs are handed to Ray but never run (see ``env``)."""
+@contextlib.contextmanager
+def api_env(root: Path, **settings):
+    """The API with the real RayDispatcher on the module's Ray, its own SQLite store and artifacts folder in
+    ``root``; yields an object with url, http (a client), store, dispatcher, settings and root."""
     from workers.dispatch import RayDispatcher
 
-    root = tmp_path_factory.mktemp("api")
     settings = Settings(
         api_keys=",".join(f"{k}:{v}" for k, v in KEYS.items()), admin_keys="ops",
-        database_url=f"sqlite:///{root / 'jobs.db'}", artifacts_root=str(root / "artifacts"),
-        max_request_bytes=MAX_BODY, hub_offline=True,
+        database_url=f"sqlite:///{root / 'jobs.db'}", artifacts_root=str(root / "artifacts"), hub_offline=True,
+        **settings,
     )
     (root / "artifacts").mkdir()
     store = JobStore(settings.database_url)
     dispatcher = RayDispatcher(store, settings, input_roots=(FIXTURES,))
-    with Server(create_app(settings, store, dispatcher)) as url:
-        with httpx.Client(base_url=url, timeout=30) as http:
+    try:
+        with Server(create_app(settings, store, dispatcher)) as url, httpx.Client(base_url=url, timeout=30) as http:
             yield type("Env", (), {"url": url, "http": http, "store": store, "dispatcher": dispatcher,
                                    "settings": settings, "root": root})
-    store.close()
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def env_server(local_ray, tmp_path_factory):
+    """For the tests of HTTP itself (validation, auth, idempotency, paging, events, health, OpenAPI): their jobs
+    are handed to Ray but never run (see ``env``)."""
+    with api_env(tmp_path_factory.mktemp("api"), max_request_bytes=MAX_BODY) as env:
+        yield env
 
 
 @pytest.fixture
@@ -103,22 +111,9 @@ def job_count(env) -> int:
 
 @pytest.fixture(scope="module")
 def ray_env(local_ray, tmp_path_factory):
-    """The API with the real RayDispatcher on the shared local Ray, its own SQLite store and artifacts folder."""
-    from workers.dispatch import RayDispatcher
-
-    root = tmp_path_factory.mktemp("api-ray")
-    settings = Settings(
-        api_keys=",".join(f"{k}:{v}" for k, v in KEYS.items()), admin_keys="ops",
-        database_url=f"sqlite:///{root / 'jobs.db'}", artifacts_root=str(root / "artifacts"), hub_offline=True,
-    )
-    (root / "artifacts").mkdir()
-    store = JobStore(settings.database_url)
-    dispatcher = RayDispatcher(store, settings, input_roots=(FIXTURES,))
-    with Server(create_app(settings, store, dispatcher)) as url:
-        with httpx.Client(base_url=url, timeout=30) as http:
-            yield type("Env", (), {"url": url, "http": http, "store": store, "dispatcher": dispatcher,
-                                   "settings": settings, "root": root})
-    store.close()
+    """For the tests whose jobs run: the client, the CLI, bad inputs only a worker finds."""
+    with api_env(tmp_path_factory.mktemp("api-ray")) as env:
+        yield env
 
 
 @contextlib.contextmanager
