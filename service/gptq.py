@@ -30,13 +30,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-# SparseGPT and GPTQ share the inverse-Hessian factorisation (with dampening retries).
-from service.sparsegpt import SparseGPTError, _inverse_factor_with_retries
+from service.hessian import HessianError, inverse_hessian_factor
 from service.quantization import QuantArgs, observe_min_max, qparams_from_min_max
 
 ACTORDERS = ("static", "weight", "group")
 
-__all__ = ["ACTORDERS", "GPTQResult", "SparseGPTError", "gptq_quantize"]
+__all__ = ["ACTORDERS", "GPTQResult", "HessianError", "gptq_quantize"]
 
 
 class GPTQResult(NamedTuple):
@@ -115,7 +114,7 @@ def gptq_quantize(
         to ``weight.dtype`` at the end, with the weight recomputed from the integer codes so it is
         exactly ``dequantize(quantize(q_weight))``.
     Raises:
-        ValueError: bad arguments or shapes. SparseGPTError: the Hessian cannot be factorised.
+        ValueError: bad arguments or shapes. HessianError: the Hessian cannot be factorised.
     """
     _validate(weight, hessian, args, block_size, dampening_frac, actorder)
     rows, cols = weight.shape
@@ -151,7 +150,7 @@ def gptq_quantize(
         H = H[perm][:, perm]
         if mask is not None:
             mask = mask[:, perm]
-    U, used_frac = _inverse_factor_with_retries(H, float(dampening_frac))
+    U, used_frac = inverse_hessian_factor(H, float(dampening_frac))
     del H
 
     # Work on W^T [cols, rows]: each input column is then a contiguous row, so the per-column rank-1

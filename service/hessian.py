@@ -2,6 +2,7 @@
 
 * :class:`HessianAccumulator` - SparseGPT/GPTQ's ``H = 2/n * sum x x^T``.
 * :class:`InputNormAccumulator` - Wanda/OWL's per-input-column ``||x_j||^2``.
+* :func:`inverse_hessian_factor` - the dampened inverse-Hessian Cholesky factor SparseGPT and GPTQ solve with.
 
 Both only ever see activations ``x [..., columns]`` (the input of one linear layer),
 keep fp32 state, and can be merged so calibration can later be split across workers.
@@ -9,8 +10,16 @@ keep fp32 state, and can be merged so calibration can later be split across work
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+_MAX_DAMPENING_RETRIES = 4
+# A zero dampening cannot grow by multiplication; retries start here instead.
+_FIRST_RETRY_FROM_ZERO = 1e-4
 
 
 # Inputs at least this wide get their Hessian computed as an upper block-triangle of this many row blocks
@@ -128,3 +137,52 @@ class InputNormAccumulator:
         """Move the state to ``device`` (in place); returns self for chaining."""
         self.squared_norm = self.squared_norm.to(device)
         return self
+
+
+class HessianError(RuntimeError):
+    """The Hessian could not be inverted even with the largest dampening tried."""
+
+
+def _upper_cholesky_of_inverse(hessian: Tensor, dampening_frac: float) -> Tensor | None:
+    """U with ``U^T U = (H + damp I)^-1``, U upper triangular; None if H is not positive definite.
+
+    ``damp = dampening_frac * mean(diag H)``. Uses the ``_ex`` variants so failure is a
+    flag we check once per attempt rather than an exception per call.
+    """
+    damped = hessian.clone()
+    diag = damped.diagonal()
+    diag += dampening_frac * diag.mean()
+    lower, info = torch.linalg.cholesky_ex(damped)
+    if info.item() != 0:
+        return None
+    hinv = torch.cholesky_inverse(lower)
+    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    # potrf flags NaN pivots, so a non-finite H already failed above; checking U's diagonal
+    # catches overflow in the inverse at O(n) instead of a full isfinite pass (45 ms at n=2816).
+    if info.item() != 0 or not bool(torch.isfinite(upper.diagonal()).all()):
+        return None
+    return upper
+
+
+def inverse_hessian_factor(hessian: Tensor, dampening_frac: float) -> tuple[Tensor, float]:
+    """Upper U [n, n] fp32 with ``U^T U = (H + damp I)^-1`` and the dampening_frac that worked: on failure the
+    fraction grows tenfold (from 1e-4 if it was 0) up to four times, each retry logged; then HessianError."""
+    frac = dampening_frac
+    for attempt in range(_MAX_DAMPENING_RETRIES + 1):
+        upper = _upper_cholesky_of_inverse(hessian, frac)
+        if upper is not None:
+            return upper, frac
+        if attempt == _MAX_DAMPENING_RETRIES:
+            break
+        new_frac = frac * 10 if frac > 0 else _FIRST_RETRY_FROM_ZERO
+        logger.warning(
+            "Cholesky of the Hessian failed with dampening_frac=%g; retrying with dampening_frac=%g",
+            frac,
+            new_frac,
+        )
+        frac = new_frac
+    raise HessianError(
+        f"the Hessian is not positive definite even with dampening_frac={frac:g} "
+        f"(started at {dampening_frac:g}, {_MAX_DAMPENING_RETRIES} retries); "
+        "use more or more varied calibration samples, or a larger dampening_frac"
+    )

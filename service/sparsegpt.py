@@ -18,19 +18,14 @@ reported loss is comparable with llm-compressor's, with these deliberate differe
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from service.hessian import HessianError, inverse_hessian_factor
 from service.masks import nm_keep_mask, unstructured_keep_mask, validate_mask_structure, validate_sparsity
 
-logger = logging.getLogger(__name__)
-
-_MAX_DAMPENING_RETRIES = 4
-# A zero dampening cannot grow by multiplication; retries start here instead.
-_FIRST_RETRY_FROM_ZERO = 1e-4
 
 
 @dataclass(frozen=True)
@@ -51,51 +46,8 @@ class SparseGPTResult:
     dampening_frac: float
 
 
-class SparseGPTError(RuntimeError):
-    """The Hessian could not be inverted even with the largest dampening tried."""
-
-
-def _upper_cholesky_of_inverse(hessian: Tensor, dampening_frac: float) -> Tensor | None:
-    """U with ``U^T U = (H + damp I)^-1``, U upper triangular; None if H is not positive definite.
-
-    ``damp = dampening_frac * mean(diag H)``. Uses the ``_ex`` variants so failure is a
-    flag we check once per attempt rather than an exception per call.
-    """
-    damped = hessian.clone()
-    diag = damped.diagonal()
-    diag += dampening_frac * diag.mean()
-    lower, info = torch.linalg.cholesky_ex(damped)
-    if info.item() != 0:
-        return None
-    hinv = torch.cholesky_inverse(lower)
-    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    # potrf flags NaN pivots, so a non-finite H already failed above; checking U's diagonal
-    # catches overflow in the inverse at O(n) instead of a full isfinite pass (45 ms at n=2816).
-    if info.item() != 0 or not bool(torch.isfinite(upper.diagonal()).all()):
-        return None
-    return upper
-
-
-def _inverse_factor_with_retries(hessian: Tensor, dampening_frac: float) -> tuple[Tensor, float]:
-    frac = dampening_frac
-    for attempt in range(_MAX_DAMPENING_RETRIES + 1):
-        upper = _upper_cholesky_of_inverse(hessian, frac)
-        if upper is not None:
-            return upper, frac
-        if attempt == _MAX_DAMPENING_RETRIES:
-            break
-        new_frac = frac * 10 if frac > 0 else _FIRST_RETRY_FROM_ZERO
-        logger.warning(
-            "SparseGPT: Cholesky of the Hessian failed with dampening_frac=%g; retrying with dampening_frac=%g",
-            frac,
-            new_frac,
-        )
-        frac = new_frac
-    raise SparseGPTError(
-        f"the Hessian is not positive definite even with dampening_frac={frac:g} "
-        f"(started at {dampening_frac:g}, {_MAX_DAMPENING_RETRIES} retries); "
-        "use more or more varied calibration samples, or a larger dampening_frac"
-    )
+# The name SparseGPT callers catch; the factorisation is shared with GPTQ (service.hessian).
+SparseGPTError = HessianError
 
 
 def sparsegpt_prune(
@@ -157,7 +109,7 @@ def sparsegpt_prune(
     H.diagonal().masked_fill_(dead, 1.0)
     Wt.masked_fill_(dead.unsqueeze(1), 0.0)
 
-    U, used_frac = _inverse_factor_with_retries(H, float(dampening_frac))
+    U, used_frac = inverse_hessian_factor(H, float(dampening_frac))
     del H
 
     if n:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from service.gptq import SparseGPTError, gptq_quantize
+from service.gptq import HessianError, gptq_quantize
 from service.hessian import HessianAccumulator
 from service.quantization import QuantArgs, dequantize, fake_quantize, quantization_params, quantize
 
@@ -225,7 +225,7 @@ def test_inputs_not_mutated():
 
 def test_negative_definite_hessian_raises():
     weight = torch.randn(4, 8)
-    with pytest.raises(SparseGPTError):
+    with pytest.raises(HessianError):
         gptq_quantize(weight, -torch.eye(8), QuantArgs(4))
 
 

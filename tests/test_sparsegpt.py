@@ -241,7 +241,7 @@ def test_cholesky_failure_recovers_by_retry(caplog):
     shift = float(torch.linalg.eigvalsh(h)[0]) + 0.05 * float(h.diagonal().mean())
     h -= shift * torch.eye(16)
     weight = torch.randn(8, 16, generator=gen)
-    with caplog.at_level(logging.WARNING, logger="service.sparsegpt"):
+    with caplog.at_level(logging.WARNING, logger="service.hessian"):
         result = sparsegpt_prune(weight, h, 0.5, dampening_frac=0.01)
     assert result.dampening_frac == pytest.approx(0.1)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -253,7 +253,7 @@ def test_singular_hessian_with_zero_dampening_recovers(caplog):
     h = torch.eye(8)
     h[:2, :2] = 4.0  # two identical inputs: exactly singular
     weight = torch.randn(4, 8, generator=torch.Generator().manual_seed(16))
-    with caplog.at_level(logging.WARNING, logger="service.sparsegpt"):
+    with caplog.at_level(logging.WARNING, logger="service.hessian"):
         result = sparsegpt_prune(weight, h, 0.5, dampening_frac=0.0)
     assert result.dampening_frac > 0
     assert any("dampening_frac=0" in r.getMessage() for r in caplog.records)
@@ -264,7 +264,7 @@ def test_negative_definite_hessian_raises(caplog):
     gen = torch.Generator().manual_seed(17)
     a = torch.randn(8, 32, generator=gen)
     h = -(a @ a.T / 32 + torch.eye(8))
-    with caplog.at_level(logging.WARNING, logger="service.sparsegpt"):
+    with caplog.at_level(logging.WARNING, logger="service.hessian"):
         with pytest.raises(SparseGPTError, match="dampening_frac"):
             sparsegpt_prune(torch.randn(4, 8, generator=gen), h, 0.5)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 4
