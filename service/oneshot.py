@@ -290,10 +290,10 @@ class StreamedBlocks:
         from service.rotations import online_transforms_description
         from service.transform_export import transform_tensors
 
-        for key, entries in online_transforms_description(block).items():
-            for sub, spec in entries.items():
-                self.online.setdefault(key, {})[f"{name}.{sub}" if sub else name] = spec
-        return transform_tensors([(name, block)])
+        description = online_transforms_description(block, prefix=name)
+        for key, entries in description.items():
+            self.online.setdefault(key, {}).update(entries)
+        return transform_tensors(description)
 
     def _compressed(self, name: str, block: nn.Module, tensors: dict) -> dict:
         from service.quantized_export import compress_quantized_tensors, is_quantized, scheme_carrier

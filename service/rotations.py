@@ -447,12 +447,13 @@ def remove_online_transforms(model: nn.Module, *, unfuse: bool = False) -> None:
         _set_attn_implementation(model, current[len(_R3_PREFIX):])
 
 
-def online_transforms_description(model: nn.Module) -> dict:
+def online_transforms_description(model: nn.Module, prefix: str = "") -> dict:
     """JSON-safe ``{"R3": {module name: spec}, "R4": {module name: spec}}`` of the online rotations attached to
     ``model``, each spec a ``RotationSpec`` as a dict (kind, size, block, seed); a key is absent when nothing of
-    its kind is attached. ``attach_online_transforms`` takes it back."""
+    its kind is attached. ``attach_online_transforms`` takes it back. ``prefix``: ``model``'s own name (one
+    streamed block), so the names are the full model's."""
     out: dict = {}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(prefix=prefix):
         for key, attr in (("R3", _R3_ATTR), ("R4", _R4_ATTR)):
             value = getattr(module, attr, None)
             if value is not None:

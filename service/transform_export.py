@@ -15,7 +15,6 @@ Fused rotations (R1, R2, R4's inverse) are already in the weights. What a reader
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -65,22 +64,11 @@ def transform_config(description: dict) -> dict:
     return TransformConfig(config_groups=groups).model_dump(mode="json")
 
 
-def transform_tensors(named_modules: Iterable[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
-    """The transform tensors of the online rotations attached to these modules, by checkpoint name."""
-    from service.rotations import online_transforms_description
-
-    out = {}
-    holder = nn.Module()
-    for name, module in named_modules:
-        holder._modules.clear()
-        holder.add_module("m", module)
-        for key, entries in online_transforms_description(holder).items():
-            for sub, spec in entries.items():
-                rest = sub[2:]  # holder's "m.<rest>" is "<name>.<rest>"
-                full = ".".join(part for part in (name, rest) if part)
-                for loc in _LOCATIONS[key]:
-                    out[f"{full}.{key}_{loc}.weight"] = _stored(RotationSpec(**spec))
-    return out
+def transform_tensors(description: dict) -> dict[str, torch.Tensor]:
+    """The transform tensors of the online rotations in ``online_transforms_description(...)``, by checkpoint
+    name (each spec determines its matrix)."""
+    return {f"{name}.{key}_{loc}.weight": _stored(RotationSpec(**spec))
+            for key, entries in description.items() for name, spec in entries.items() for loc in _LOCATIONS[key]}
 
 
 def load_transform_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
