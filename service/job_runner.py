@@ -41,7 +41,7 @@ from service.job_store import Job, JobStore, canonical_json
 from service.model_source import CheckpointError
 from service.recipe import RecipeError, load_recipe, recipe_summary
 from service.settings import Settings
-from service.storage import MANIFEST_NAME, Publisher, StorageError, fetch, parse_uri
+from service.storage import Publisher, StorageError, fetch, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +421,7 @@ def _compress_and_publish(store: JobStore, job: Job, request: dict, publisher: P
             return False
         # Someone else ended the job while we uploaded: the output must not outlive it.
         log.warning("job %s ended elsewhere during upload; removing its published output", job_id)
-        publisher.store.delete_keys([MANIFEST_NAME, *(f.key for f in manifest.files)])
+        publisher.abort()
         return False
     return True
 

@@ -804,7 +804,8 @@ class Publisher:
         return manifest
 
     def abort(self) -> None:
-        """Stop uploading and delete what this publisher wrote (every key it was given, and the manifest)."""
+        """Stop uploading and delete what this publisher wrote (every key it was given, and the manifest); also
+        after ``finish``, to take back an output whose job was ended elsewhere meanwhile."""
         for future in self._uploads.values():
             future.cancel()
         self._pool.shutdown(wait=True)

@@ -139,6 +139,24 @@ def test_cancel_stops_between_layers_and_cleans_up(tmp_path):
     store.close()
 
 
+class EndedDuringUpload(JobStore):
+    """A store in which the job is cancelled elsewhere just as its worker finishes uploading."""
+
+    def transition(self, job_id, from_statuses, to_status, **fields):
+        if to_status == "succeeded":
+            super().transition(job_id, ["uploading"], "cancelled")
+        return super().transition(job_id, from_statuses, to_status, **fields)
+
+
+def test_an_output_whose_job_ended_elsewhere_during_upload_is_taken_back(tmp_path):
+    store = EndedDuringUpload(f"sqlite:///{tmp_path / 'jobs.db'}")
+    settings = Settings(artifacts_root=str(tmp_path / "artifacts"))
+    job = run(store, settings, tmp_path / "work", request("runs/taken-back"))
+    assert job.status == "cancelled" and job.artifacts is None
+    assert not [p for p in Path(settings.artifacts_root).rglob("*") if p.is_file()]
+    store.close()
+
+
 def test_a_job_runs_once_however_often_it_is_started(env):
     store, settings, workdir = env
     job, _ = store.create_job("alice", request("runs/once"))
