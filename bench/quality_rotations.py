@@ -33,19 +33,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
 
-from service.calibration_data import calibration_tokens  # noqa: E402
-from service.oneshot import token_batches  # noqa: E402
-from service.perplexity import perplexity  # noqa: E402
 from service.quantization import QuantArgs, fake_quantize  # noqa: E402
 from service.quantization_modifiers import attach_activation_quantization  # noqa: E402
 from service.spinquant import SpinQuantModifier, apply_spinquant  # noqa: E402
-from service.text_data import load_tokenizer, read_texts, tokenize  # noqa: E402
+from stories_protocol import stories_protocol  # noqa: E402
 
-FIXTURES = REPO / "tests/fixtures"
-STORIES = FIXTURES / "models/stories260K"
 W4 = QuantArgs(num_bits=4, symmetric=True, strategy="channel")
 
 
@@ -66,22 +62,14 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-
-    from transformers import AutoModelForCausalLM
-
-    tok = load_tokenizer(STORIES)
-    evals = {
-        "wikitext": tokenize(tok, read_texts(FIXTURES / "data/wikitext-2/test.txt"), max_tokens=40960),
-        "tinystories": tokenize(tok, read_texts(FIXTURES / "data/tinystories/valid-subset.txt")),
-    }
-    batches = token_batches(calibration_tokens(FIXTURES / "data/wikitext-2/valid.txt", tok, 128, 256))
-    dense = AutoModelForCausalLM.from_pretrained(str(STORIES)).eval()
+    protocol = stories_protocol(threads=a.threads)
+    dense, batches = protocol.dense, protocol.batches
     rows: dict[str, dict] = {}
 
     def score(name: str, model, extra=None) -> None:
         started = time.perf_counter()
-        rows[name] = {k: perplexity(model, ids, seq_len=512).ppl for k, ids in evals.items()} | (extra or {})
+        wikitext, tinystories = protocol.perplexities(model)
+        rows[name] = {"wikitext": wikitext, "tinystories": tinystories} | (extra or {})
         print(f"{name:<38}{rows[name]['wikitext']:>10.2f}{rows[name]['tinystories']:>12.3f}"
               f"   ({time.perf_counter() - started:.1f} s eval)", flush=True)
 
