@@ -201,7 +201,26 @@ class StreamedModel:
         self.model = empty_model(self.config, trust_remote_code=trust_remote_code)
         self.dtype = dtype  # None keeps each tensor's stored dtype
         self.tied = tied_parameters(self.model)
+        # A compressed-tensors checkpoint stores quantized weights packed: {"<module>.weight": (checkpoint
+        # prefix of the module, its scheme)}, decompressed one module at a time as they are loaded.
+        self.compressed: dict[str, tuple[str, object]] = {}
+        quantization = getattr(self.config, "quantization_config", None)
+        if quantization is not None:
+            from service.quantized_export import compressed_modules
+
+            quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else dict(quantization)
+            if quantization.get("quant_method") != "compressed-tensors":
+                raise CheckpointError(f"model: '{self.dir}' is quantized with {quantization.get('quant_method')!r}; "
+                                      "only compressed-tensors checkpoints can be streamed")
+            for name, scheme in compressed_modules(self.model, quantization).items():
+                self.compressed[f"{name}.weight"] = (name, scheme)
         self.keys = self._map_keys()
+        self._packed_keys: dict[str, list[str]] = {}
+        if self.compressed:
+            stored = self.checkpoint.keys()
+            for name in self.compressed:
+                prefix = self.keys[name] + ".weight"
+                self._packed_keys[name] = [k for k in stored if k.startswith(prefix)]
 
     def _map_keys(self) -> dict[str, str]:
         """{parameter name in the model: key in the checkpoint}; checkpoints sometimes omit or add the base prefix."""
@@ -213,7 +232,11 @@ class StreamedModel:
                 candidates.append(name[len(prefix) + 1 :])
             elif prefix:
                 candidates.append(f"{prefix}.{name}")
-            key = next((c for c in candidates if c in self.checkpoint), None)
+            if name in self.compressed:  # stored as <prefix>.weight_packed / weight_scale / ...
+                candidates = [c.rsplit(".", 1)[0] for c in candidates]
+                key = next((c for c in candidates if f"{c}.weight_scale" in self.checkpoint), None)
+            else:
+                key = next((c for c in candidates if c in self.checkpoint), None)
             if key is not None:
                 mapping[name] = key
             elif name not in self.tied:
@@ -229,9 +252,18 @@ class StreamedModel:
         return [n for n in self.keys if n.startswith(head)]
 
     def load(self, names: list[str], device: torch.device | str) -> None:
-        tensors = self.checkpoint.read([self.keys[name] for name in names])
+        plain = [name for name in names if name not in self.compressed]
+        packed = {name: self._packed_keys[name] for name in names if name in self.compressed}
+        tensors = self.checkpoint.read([self.keys[name] for name in plain] + [k for ks in packed.values() for k in ks])
         for name in names:
-            tensor = tensors.pop(self.keys[name])
+            if name in packed:
+                from service.quantized_export import decompress_weight
+
+                cut = len(self.keys[name]) + 1
+                local = {k[cut:]: tensors.pop(k) for k in packed[name]}
+                tensor = decompress_weight(local, self.compressed[name][1])
+            else:
+                tensor = tensors.pop(self.keys[name])
             if self.dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(self.dtype)
             set_tensor(self.model, name, tensor.to(device))

@@ -563,28 +563,16 @@ def load_output(directory: str | Path, *, trust_remote_code: bool = False) -> nn
 def evaluate_pair(before_dir: Path, after_dir: Path, tokenizer, evals: Sequence[EvalSet], seq_len: int,
                   device: torch.device, trust_remote_code: bool = False) -> dict:
     """Perplexity of the dense and the compressed model on each evaluation text, each streamed block by block
-    (evaluation needs no more memory than compression). A quantized (compressed-tensors) output, or one with
-    online rotations, is loaded whole instead (``load_output``), so that one needs the dense model's memory."""
-    import json
-
-    from service.perplexity import perplexity, perplexity_streamed
+    (evaluation needs no more memory than compression), quantized and online-rotated outputs included."""
+    from service.perplexity import perplexity_streamed
     from service.text_data import read_texts, tokenize
-    from service.transform_export import DESCRIPTION_KEY
 
-    config = json.loads((Path(after_dir) / "config.json").read_text())
-    whole = None
-    if "quantization_config" in config or DESCRIPTION_KEY in config:
-        whole = load_output(after_dir, trust_remote_code=trust_remote_code).to(device).eval()
     results: dict[str, dict] = {}
     for e in evals:
         ids = tokenize(tokenizer, read_texts(e.source), max_tokens=e.max_tokens)
         entry = results[e.name] = {"source": str(e.source), "tokens": int(len(ids))}
-        entry["before"] = perplexity_streamed(before_dir, ids, seq_len=seq_len, device=device,
-                                              trust_remote_code=trust_remote_code).ppl
-        if whole is not None:
-            entry["after"] = perplexity(whole, ids, seq_len=seq_len, device=device).ppl
-        else:
-            entry["after"] = perplexity_streamed(after_dir, ids, seq_len=seq_len, device=device,
-                                                 trust_remote_code=trust_remote_code).ppl
+        for key, directory in (("before", before_dir), ("after", after_dir)):
+            entry[key] = perplexity_streamed(directory, ids, seq_len=seq_len, device=device,
+                                             trust_remote_code=trust_remote_code).ppl
         entry["ratio"] = entry["after"] / entry["before"]
     return results

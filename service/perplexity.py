@@ -119,14 +119,35 @@ def perplexity_streamed(
     """The same perplexity for a checkpoint directory, streamed block by block as compression is: only one
     block's weights (plus embeddings and head) are in memory, and the windows' hidden states travel from block
     to block. Equal to ``perplexity`` on the loaded model up to float rounding.
+
+    Our compressed outputs are scored as the model they compute: a compressed-tensors (quantized) checkpoint is
+    decompressed one module at a time as its block loads, with its schemes' dynamic activation quantization, and
+    online rotations recorded in config.json (R3/R4, ``service.transform_export.DESCRIPTION_KEY``) are attached
+    to the skeleton first.
     """
+    import json
+
     from service.model_source import StreamedModel
     from service.pipeline import capture, find_blocks, run_block
+    from service.rotations import attach_online_transforms
+    from service.transform_export import DESCRIPTION_KEY
 
     _check(token_ids, seq_len, batch_size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = StreamedModel(model_dir, trust_remote_code=trust_remote_code)
     model = source.model
+    online = json.loads((Path(model_dir) / "config.json").read_text()).get(DESCRIPTION_KEY)
+    if online:
+        attach_online_transforms(model, online)
+    if any(scheme.input_activations is not None for _, scheme in source.compressed.values()):
+        # A8/A4 schemes quantize each Linear's input at run time, after the online rotation (hooks run in order)
+        from service.quantization_modifiers import attach_scheme_activation_quantization
+        from service.quantized_export import quant_args_from_ct
+
+        for name, scheme in source.compressed.values():
+            if scheme.input_activations is not None:
+                model.get_submodule(name).input_quantization_args = quant_args_from_ct(scheme.input_activations)
+        attach_scheme_activation_quantization(model)
     blocks = find_blocks(model)
     names = [name for name, _ in blocks]
     outside = [n for n in source.keys if not any(n.startswith(b + ".") for b in names)]

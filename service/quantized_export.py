@@ -25,8 +25,8 @@ from torch import nn
 from service.quantization import QuantArgs
 from service.targets import COMPRESSIBLE, Conv1D
 
-__all__ = ["compress_quantized_tensors", "is_quantized", "quantization_config", "quantization_scheme",
-           "save_quantized", "scheme_carrier"]
+__all__ = ["compress_quantized_tensors", "compressed_modules", "decompress_weight", "is_quantized",
+           "quantization_config", "quantization_scheme", "save_quantized", "scheme_carrier"]
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -40,6 +40,16 @@ def _ct_args(args: QuantArgs):
         num_bits=args.num_bits, type="int", symmetric=args.symmetric, strategy=args.strategy,
         group_size=args.group_size, dynamic=args.dynamic,
     )
+
+
+def quant_args_from_ct(args) -> QuantArgs:
+    """Our ``QuantArgs`` for compressed-tensors ``QuantizationArgs`` (the inverse of ``_ct_args``; int only)."""
+    kind = getattr(args.type, "value", args.type)
+    strategy = getattr(args.strategy, "value", args.strategy)
+    if kind != "int":
+        raise ValueError(f"quantization_config: {kind!r} quantization is not supported here; allowed: int")
+    return QuantArgs(num_bits=args.num_bits, symmetric=args.symmetric, strategy=strategy,
+                     group_size=args.group_size if strategy == "group" else None, dynamic=bool(args.dynamic))
 
 
 def quantization_scheme(module: nn.Module, targets: Sequence[str] = ("Linear",)):
@@ -84,6 +94,40 @@ def compress_quantized_tensors(prefix: str, module: nn.Module) -> dict[str, torc
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     out = compressor.compress(state, scheme)
     return {f"{prefix}.{name}" if prefix else name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def compressed_modules(model: nn.Module, config: Mapping[str, Any]) -> dict[str, Any]:
+    """{module name: its compressed-tensors ``QuantizationScheme``} for the modules of ``model`` whose weights a
+    checkpoint with this ``quantization_config`` stores compressed; each scheme's ``format`` is filled in from the
+    config's when the group has none. Targets and ignore are matched as llm-compressor's recipes match them
+    (class names, exact or suffix names, ``re:`` regexes); the first group that targets a module wins."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from service.targets import matches_any
+
+    fields = QuantizationConfig.model_fields
+    parsed = QuantizationConfig.model_validate({k: v for k, v in config.items() if k in fields})
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, COMPRESSIBLE) or matches_any(name, module, parsed.ignore or []):
+            continue
+        for scheme in parsed.config_groups.values():
+            if scheme.weights is not None and matches_any(name, module, scheme.targets):
+                if scheme.format is None:
+                    scheme = scheme.model_copy(update={"format": parsed.format})
+                out[name] = scheme
+                break
+    return out
+
+
+def decompress_weight(tensors: Mapping[str, torch.Tensor], scheme) -> torch.Tensor:
+    """One module's dense weight from its checkpoint tensors (local names: ``weight_packed``, ``weight_scale``,
+    ``weight_zero_point``, ``weight_shape``, or an int8 ``weight``), by the library's compressor for
+    ``scheme.format``: the inverse of :func:`compress_quantized_tensors`."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    return compressor.decompress(dict(tensors), scheme)["weight"]
 
 
 def scheme_carrier(module: nn.Module) -> nn.Module:

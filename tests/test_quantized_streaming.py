@@ -166,3 +166,43 @@ def test_streaming_refuses_learned_rotations_with_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=f"SpinQuantModifier.*{field}.*oneshot"):
         compress_checkpoint(STORIES, recipe, tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+ROTATE_ONLINE_W4_ASYM = """
+quantization_stage:
+  quantization_modifiers:
+    SpinQuantModifier: {rotations: [R1, R2, R3, R4], transform_type: random-hadamard}
+    QuantizationModifier:
+      targets: [Linear]
+      ignore: [lm_head]
+      config_groups:
+        group_0: {targets: ["re:.*(q|k|v|o|gate|up)_proj$"], weights: {num_bits: 4, type: int, symmetric: false, strategy: group, group_size: 16}}
+        group_1:
+          targets: ["re:.*down_proj$"]
+          weights: {num_bits: 8, type: int, symmetric: true, strategy: channel}
+          input_activations: {num_bits: 8, type: int, symmetric: true, strategy: token, dynamic: true}
+"""
+
+
+def test_quantized_online_output_is_scored_streamed_as_the_model_it_computes(tmp_path):
+    """The quality gate streams quantized outputs block by block too: packed int4 with packed zero points and int8
+    modules (int-quantized, as W8A8 is stored) decompressed one module at a time, R3/R4 attached to the skeleton:
+    the same perplexity as the whole decompressed model with its online rotations (load_output)."""
+    from service.model_source import StreamedModel
+    from service.oneshot import load_output
+    from service.perplexity import perplexity, perplexity_streamed
+    from service.text_data import read_texts, tokenize
+
+    report = compress_checkpoint(STORIES, ROTATE_ONLINE_W4_ASYM, tmp_path / "out", device="cpu",
+                                 evals=[EvalSet("tiny", TINY, 4096)])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "mixed-precision"
+    source = StreamedModel(tmp_path / "out")
+    formats = {scheme.format for _, scheme in source.compressed.values()}
+    assert len(source.compressed) == 35 and formats == {"pack-quantized", "int-quantized"}
+    ids = tokenize(load_tokenizer(STORIES), read_texts(TINY), max_tokens=4096)
+    streamed = perplexity_streamed(tmp_path / "out", ids, device="cpu").ppl
+    whole = perplexity(load_output(tmp_path / "out"), ids).ppl
+    assert streamed == pytest.approx(whole, rel=1e-5)
+    assert report["perplexity"]["tiny"]["after"] == pytest.approx(whole, rel=1e-5)
+    assert 1.0 < report["perplexity"]["tiny"]["ratio"] < 1.5
