@@ -37,6 +37,20 @@ def test_compress_then_eval(tmp_path):
     assert result["tokens"] == 2048 - 4  # four 512-token windows, each predicting 511 tokens
 
 
+def test_eval_scores_a_quantized_output_streamed(tmp_path):
+    """`llmpress eval` reads a compressed-tensors output block by block, as the compress report scored it."""
+    out = tmp_path / "out"
+    llmpress("compress", "--model", FIXTURES / "models" / "stories260K", "--recipe",
+             RECIPES / "sparsegpt_2of4_gptq_w4.yaml", "--dataset", WIKI_VALID, "--num-samples", 8, "--seq-len", 64,
+             "--output", out, "--device", "cpu", "--report-json", tmp_path / "report.json", "--eval", WIKI_VALID,
+             "--eval-max-tokens", 2048)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    after = json.loads((tmp_path / "report.json").read_text())["perplexity"]["valid"]["after"]
+    result = json.loads(llmpress("eval", "--model", out, "--dataset", WIKI_VALID, "--max-tokens", 2048, "--json",
+                                 "--device", "cpu").stdout)
+    assert result["ppl"] == pytest.approx(after, rel=1e-6) and result["tokens"] == 2048 - 4
+
+
 @pytest.mark.parametrize("change,field", [
     ("sparsity: 0.5", "sparsity: 1.5"),
     ('mask_structure: "2:4"', 'mask_structure: "a:b"'),
