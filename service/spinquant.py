@@ -38,6 +38,10 @@ R1/R2 and fused after them (before R4):
     attn / mlp  [hidden]           norm weight / s, the norm's readers' columns (q/k/v; gate/up) * s
     ud          [intermediate]     up_proj rows / t, down_proj columns * t        (SwiGLU is linear in up)
     vo          [kv_heads * d]     v_proj rows / u, o_proj columns * u            (u shared by each GQA group)
+
+``r1_init: identity`` starts the learning from the unrotated model itself (R1 = I, s = 1/|g|): a model whose norm
+weights protect its outlier channels, as stories260K's do, keeps that protection unless rotating pays on the
+calibration loss; from Hadamard it has to win it back.
 """
 
 from __future__ import annotations
@@ -178,6 +182,10 @@ class SpinQuantModifier(Modifier):
         text: on stories260K it gains on WikiText and loses on TinyStories)
     :param quantization: weight quantization the learned rotations optimise for (``QuantArgs`` fields; default
         4-bit symmetric per-channel)
+    :param r1_init: with ``learnable``, where R1's learning starts: "transform" (the transform_type's matrix, as
+        SpinQuant) or "identity": the model without R1, the norm scalings (``learn_scales``) starting at the norm
+        weights, so learning starts from exactly the unrotated model and rotates it only as far as the
+        calibration loss gains (on stories260K it ends lower than from Hadamard; bench/RESULTS.md)
     """
 
     statistic: ClassVar[str | None] = None  # the block pipeline needs no calibration statistic from us
@@ -202,6 +210,7 @@ class SpinQuantModifier(Modifier):
     objective: Literal["kl", "ce"] = "kl"
     scale_learning_rate: float = 0.005
     quantization: dict[str, Any] | None = None
+    r1_init: Literal["transform", "identity"] = "transform"
 
     @field_validator("rotations", mode="before")
     @classmethod
@@ -220,6 +229,9 @@ class SpinQuantModifier(Modifier):
             raise ValueError("steps must be >= 0, learning_rate and scale_learning_rate > 0, momentum in [0, 1)")
         if self.learnable and not {"R1", "R2"} & set(self.rotations):
             raise ValueError("learnable: learns R1 and R2; rotations must include at least one of them")
+        if self.r1_init == "identity" and not (self.learnable and "R1" in self.rotations):
+            raise ValueError("r1_init: 'identity' needs learnable: true and R1 in rotations (an R1 that is not "
+                             "learned from the identity would stay the identity)")
         if self.quantization is not None:
             _quant_args(self.quantization)  # fail at recipe load, not after calibration
         return self
@@ -328,6 +340,8 @@ def spinquant_plan(config, modifier: SpinQuantModifier, mapping: SpinQuantMappin
 
     if "R1" in plan.rotations:
         plan.r1 = offline(spec(plan.hidden, "hidden_size (R1)", block, seed))
+        if modifier.learnable and modifier.r1_init == "identity":
+            plan.r1 = torch.eye(plan.hidden, dtype=torch.float64)
     if "R2" in plan.rotations:
         cache: dict[int, rot.Rotation] = {}
         plan.r2 = [cache.setdefault(s, offline(spec(head_dim, "head_dim (R2)", None, s))) for s in per_layer(1000)]
@@ -569,7 +583,7 @@ def apply_spinquant(model: nn.Module, modifier: SpinQuantModifier, batches=None,
                                        learning_rate=modifier.learning_rate, momentum=modifier.momentum,
                                        blocks=blocks, learn_scales=modifier.learn_scales,
                                        scale_learning_rate=modifier.scale_learning_rate,
-                                       objective=modifier.objective)
+                                       objective=modifier.objective, scales_from_norms=modifier.r1_init == "identity")
     report = rotate_outside(model, plan, blocks)
     for index, (name, block) in enumerate(blocks):
         report["norms_fused"] += rotate_block(block, name, index, plan)["norms_fused"]
@@ -675,7 +689,8 @@ def _rotated_parameters(model, plan, named_blocks, r1, r2s, quantize, log_scales
 
 def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, *, steps: int,
                     learning_rate: float, momentum: float = 0.9, blocks=None, learn_scales: bool = False,
-                    scale_learning_rate: float = 0.005, objective: Literal["kl", "ce"] = "ce") -> dict:
+                    scale_learning_rate: float = 0.005, objective: Literal["kl", "ce"] = "ce",
+                    scales_from_norms: bool = False) -> dict:
     """Learn R1 (and per-layer R2), and with ``learn_scales`` the per-channel scalings, for the model whose
     decoder Linears are fake-quantized with ``quant_args`` (straight-through gradients), starting from the plan's
     rotations and scalings of 1. R moves by ``cayley_sgd_step``; the log-scales by Adam at ``scale_learning_rate``.
@@ -685,7 +700,10 @@ def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, 
     matrices (and ``scales``) into ``plan`` (float64) and returns ``{"losses": [per step], "initial_loss",
     "final_loss", "objective", "steps", "seconds"}``, the initial/final losses being means over the same first
     (up to 4) batches. The defaults here (no scalings, "ce") are the behaviour before scalings existed; the
-    modifier passes its own (scalings, "kl").
+    modifier passes its own (scalings, "kl"). ``scales_from_norms`` (with scalings and R1): the "attn"/"mlp"
+    scalings start at 1/|g| of the norms they belong to instead of 1, which puts each norm's weight back where it
+    was before fusing: with an identity R1 the model starts exactly as the unrotated one (signs of g stay in the
+    readers' columns, which symmetric quantization does not see).
 
     Needs the whole model in memory and autograd through it: the loss depends on every rotated weight.
     ``batches`` are dicts with ``input_ids``; steps cycle through them. A planned R4 is in the loop (fixed);
@@ -703,6 +721,14 @@ def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, 
         raise ValueError(f"objective: 'kl' or 'ce'; got {objective!r}")
     started = time.perf_counter()
     blocks = blocks if blocks is not None else find_blocks(model, None)
+    norm_weights = None
+    if scales_from_norms and learn_scales and plan.r1 is not None:
+        norm_weights = {}  # the norms' weights before fusing, per site and layer
+        for name, block in blocks:
+            sites = _scale_sites(_named(block, name), plan, f"block {name}")
+            for key in ("attn", "mlp"):
+                weight = block.get_submodule(sites[key][0][len(name) + 1:]).weight
+                norm_weights.setdefault(key, []).append(weight.detach().to(torch.float64).abs().clone())
     with torch.no_grad():
         rot.untie_word_embeddings(model)
         if plan.r1 is not None:
@@ -719,8 +745,12 @@ def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, 
     if learn_scales:
         sizes = {"attn": plan.hidden, "mlp": plan.hidden, "ud": plan.intermediate,
                  "vo": plan.num_kv_heads * plan.head_dim}
-        thetas = {k: torch.zeros(plan.num_layers, n, dtype=torch.float64, device=device, requires_grad=True)
-                  for k, n in sizes.items()}
+        thetas = {k: torch.zeros(plan.num_layers, n, dtype=torch.float64, device=device) for k, n in sizes.items()}
+        if norm_weights is not None:
+            for key, weights in norm_weights.items():
+                tiny = torch.finfo(torch.float32).tiny  # a zero norm weight: its channel is dead either way
+                thetas[key] = -torch.stack(weights).to(device).clamp_min(tiny).log()
+        thetas = {k: v.requires_grad_(True) for k, v in thetas.items()}
         adam = torch.optim.Adam(list(thetas.values()), lr=scale_learning_rate)
     training = model.training
     model.eval()  # no dropout; gradients still flow

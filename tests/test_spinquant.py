@@ -454,3 +454,46 @@ def test_learned_scales_lower_the_kl_and_stay_exact(stories):
     assert report["learned"]["objective"] == "kl" and len(report["learned"]["losses"]) == 8
     assert not torch.allclose(model.model.layers[0].post_attention_layernorm.weight, torch.ones(1))
     assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3
+
+
+def test_r1_init_identity_starts_from_the_unrotated_model_and_learns_from_there(stories):
+    from service.calibration_data import calibration_tokens
+    from service.quantization import QuantArgs
+
+    dense, ids, _ = stories
+    with pytest.raises(RecipeError, match="r1_init"):
+        load_recipe([{"SpinQuantModifier": {"r1_init": "identity"}}])  # not learnable: R1 would stay the identity
+    with pytest.raises(RecipeError, match="r1_init"):
+        load_recipe([{"SpinQuantModifier": {"learnable": True, "r1_init": "eye"}}])
+    tok = load_tokenizer(STORIES)
+    batches = [{"input_ids": calibration_tokens(WIKI_VALID, tok, 2, 256)}]
+    modifier = sq.SpinQuantModifier(rotations=["R1"], learnable=True, steps=0, r1_init="identity")
+    model = copy.deepcopy(dense)
+    report = sq.apply_spinquant(model, modifier, batches, quant_args=QuantArgs(num_bits=4))
+    # Zero steps: every weight is back where it was (to float rounding; the norm signs move into the readers)
+    for layer, original in zip(model.model.layers, dense.model.layers):
+        for norm, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            g = original.get_submodule(norm).weight
+            assert torch.allclose(layer.get_submodule(norm).weight, g.abs(), rtol=1e-6, atol=0)
+            for reader in readers:
+                expected = original.get_submodule(reader).weight * g.sign()
+                assert torch.allclose(layer.get_submodule(reader).weight, expected, rtol=1e-6, atol=1e-9)
+    plain = copy.deepcopy(dense)  # so the learning starts at the unrotated W4 model's loss
+    from service.quantization import fake_quantize
+
+    with torch.no_grad():
+        for module in plain.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(fake_quantize(module.weight, QuantArgs(num_bits=4)))
+        ref = torch.log_softmax(dense(**batches[0]).logits, -1).flatten(0, -2)
+        got = torch.log_softmax(plain(**batches[0]).logits, -1).flatten(0, -2)
+        plain_kl = torch.nn.functional.kl_div(got, ref, log_target=True, reduction="batchmean").item()
+    assert report["learned"]["initial_loss"] == pytest.approx(plain_kl, rel=0.02)
+
+    model = copy.deepcopy(dense)
+    learned = sq.apply_spinquant(model, modifier.model_copy(update={"rotations": ["R1", "R2"], "steps": 8,
+                                                                    "learning_rate": 0.02}),
+                                 batches, quant_args=QuantArgs(num_bits=4))["learned"]
+    assert learned["final_loss"] < 0.9 * learned["initial_loss"], learned
+    assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-3
