@@ -421,7 +421,8 @@ def compress_checkpoint(
 ) -> dict:
     """Compress the checkpoint `model` with `recipe` into the directory `output`; returns the report.
 
-    The output directory appears complete or not at all: config.json with a `sparsity_config`, sharded
+    The output directory appears complete or not at all: config.json (with a `sparsity_config` when the recipe
+    prunes), sharded
     safetensors and their index, tokenizer and generation files, recipe.yaml and compression_report.json.
     `on_shard(path, name)` is called with each weight shard of the output as soon as it is complete (`path` is in
     a temporary folder that is renamed at the end: take the file at once, e.g. by a hard link).
@@ -481,8 +482,9 @@ def compress_checkpoint(
             },
             pipeline=pipeline, device=str(device),
         )
-        _finish_directory(model_dir, out.tmp,
-                          {**config_changes, "sparsity_config": sparsity_config(report, recipe.modifiers())})
+        if any(hasattr(m, "mask_structure") for m in recipe.modifiers()):  # only a recipe that prunes is sparse
+            config_changes = {**config_changes, "sparsity_config": sparsity_config(report, recipe.modifiers())}
+        _finish_directory(model_dir, out.tmp, config_changes)
         (out.tmp / "recipe.yaml").write_text(recipe.to_yaml())
         if evals:
             progress({"stage": "evaluating", "fraction": 1.0})

@@ -48,6 +48,8 @@ def test_streamed_sparse_gptq_checkpoint_reloads_to_the_in_memory_result(tmp_pat
     assert quant["quant_method"] == "compressed-tensors" and quant["format"] == "pack-quantized"
     assert list(quant["config_groups"].values())[0]["targets"] == ["Linear"] and "lm_head" in quant["ignore"]
     assert 1.0 < report["perplexity"]["tiny"]["ratio"] < 20
+    # sparsity is the pruning's, not also the weights that rounded to zero (about 18% at int4)
+    assert report["totals"]["sparsity"] == 0.5 and config["sparsity_config"]["global_sparsity"] == 0.5
 
     from service.quantized_export import load_quantized
 
@@ -198,6 +200,7 @@ def test_quantized_online_output_is_scored_streamed_as_the_model_it_computes(tmp
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "mixed-precision"
     source = StreamedModel(tmp_path / "out")
+    assert "sparsity_config" not in config and report["totals"]["sparsity"] == 0.0  # nothing was pruned
     formats = {scheme.format for _, scheme in source.compressed.values()}
     assert len(source.compressed) == 35 and formats == {"pack-quantized", "int-quantized"}
     ids = tokenize(load_tokenizer(STORIES), read_texts(TINY), max_tokens=4096)
