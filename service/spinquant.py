@@ -698,8 +698,9 @@ def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, 
     next-token distributions, mean over tokens, the dense logits coming from the same rotated parameters with no
     quantizer. Prepares the model first (untie, fuse norms with R1: exact and idempotent); writes the learned
     matrices (and ``scales``) into ``plan`` (float64) and returns ``{"losses": [per step], "initial_loss",
-    "final_loss", "objective", "steps", "seconds"}``, the initial/final losses being means over the same first
-    (up to 4) batches. The defaults here (no scalings, "ce") are the behaviour before scalings existed; the
+    "final_loss", "objective", "steps", "seconds", "r1_moved"}``, the initial/final losses being means over the
+    same first (up to 4) batches, ``r1_moved`` how far R1 turned (Frobenius distance, mean and largest rotation
+    angle in radians; None without R1). The defaults here (no scalings, "ce") are the behaviour before scalings existed; the
     modifier passes its own (scalings, "kl"). ``scales_from_norms`` (with scalings and R1): the "attn"/"mlp"
     scalings start at 1/|g| of the norms they belong to instead of 1, which puts each norm's weight back where it
     was before fusing: with an identity R1 the model starts exactly as the unrotated one (signs of g stay in the
@@ -821,11 +822,16 @@ def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, 
         model.train(training)
         for module in r4_modules:
             rot.detach_r4(module)
+    moved = None
     if state["r1"][0] is not None:
+        # How far R1 turned from where it started: angles are those of the rotation R1_start^T R1
+        angles = torch.linalg.eigvals(r1.T @ state["r1"][0]).angle().abs()
+        moved = {"frobenius": float((state["r1"][0] - r1).norm()), "mean_angle": float(angles.mean()),
+                 "max_angle": float(angles.max())}
         plan.r1 = state["r1"][0]
     if state["r2"][0] is not None:
         plan.r2 = list(state["r2"][0])
     if thetas is not None:
         plan.scales = fixed(thetas)
     return {"losses": losses, "initial_loss": sum(initial) / len(initial), "final_loss": sum(final) / len(final),
-            "objective": objective, "steps": steps, "seconds": time.perf_counter() - started}
+            "objective": objective, "steps": steps, "seconds": time.perf_counter() - started, "r1_moved": moved}
