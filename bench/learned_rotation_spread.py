@@ -72,8 +72,8 @@ def main(argv=None) -> None:
             rtn(model)
             wiki, tiny = protocol.perplexities(model)
             moved = report["r1_moved"]
-            turn = "" if moved is None else (f"  R1 moved {moved['frobenius']:.2f} (angles mean {moved['mean_angle']:.3f}"
-                                             f", max {moved['max_angle']:.3f} rad)")
+            turn = "" if moved is None else (f"  R1 moved {moved['frobenius']:.2f} (angles mean "
+                                             f"{moved['mean_angle']:.3f}, max {moved['max_angle']:.3f} rad)")
             print(f"{row:<14}{order:>6}{report['initial_loss']:>11.4f}{report['final_loss']:>10.4f}{wiki:>12.2f}"
                   f"{tiny:>13.3f}   ({time.perf_counter() - started:.0f} s){turn}", flush=True)
 

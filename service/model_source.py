@@ -194,7 +194,11 @@ def set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
 class StreamedModel:
     """A model skeleton plus its checkpoint: parameters are loaded per module prefix and released again."""
 
-    def __init__(self, model_dir: str | Path, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+    def __init__(self, model_dir: str | Path, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
+                 compressed: bool = False):
+        """``compressed``: also read quantized (compressed-tensors) checkpoints and ones with online rotations, to
+        score them (the caller attaches the online rotations). Without it they are refused: compressing one again
+        would write dense weights under its quantization config, or drop its online rotations."""
         self.dir = Path(model_dir)
         self.checkpoint = SafetensorsCheckpoint(self.dir)
         self.config = load_config(self.dir, trust_remote_code=trust_remote_code)
@@ -205,6 +209,12 @@ class StreamedModel:
         # prefix of the module, its scheme)}, decompressed one module at a time as they are loaded.
         self.compressed: dict[str, tuple[str, object]] = {}
         quantization = getattr(self.config, "quantization_config", None)
+        from service.transform_export import DESCRIPTION_KEY
+
+        online = getattr(self.config, DESCRIPTION_KEY, None)
+        if not compressed and (quantization is not None or online):
+            what = "quantized" if quantization is not None else "rotated with online transforms (R3/R4)"
+            raise CheckpointError(f"model: '{self.dir}' is already {what}; compress its unquantized original")
         if quantization is not None:
             from service.quantized_export import compressed_modules
 

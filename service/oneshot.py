@@ -422,8 +422,8 @@ def compress_checkpoint(
     """Compress the checkpoint `model` with `recipe` into the directory `output`; returns the report.
 
     The output directory appears complete or not at all: config.json (with a `sparsity_config` when the recipe
-    prunes), sharded
-    safetensors and their index, tokenizer and generation files, recipe.yaml and compression_report.json.
+    prunes), sharded safetensors and their index, tokenizer and generation files, recipe.yaml and
+    compression_report.json.
     `on_shard(path, name)` is called with each weight shard of the output as soon as it is complete (`path` is in
     a temporary folder that is renamed at the end: take the file at once, e.g. by a hard link).
     """

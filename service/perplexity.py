@@ -134,7 +134,7 @@ def perplexity_streamed(
 
     _check(token_ids, seq_len, batch_size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    source = StreamedModel(model_dir, trust_remote_code=trust_remote_code)
+    source = StreamedModel(model_dir, trust_remote_code=trust_remote_code, compressed=True)
     model = source.model
     online = json.loads((Path(model_dir) / "config.json").read_text()).get(DESCRIPTION_KEY)
     if online:

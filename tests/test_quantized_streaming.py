@@ -153,6 +153,10 @@ def test_streamed_online_rotations_are_recorded_and_read_back_by_ours_and_by_com
                    for k, v in load_file(str(f)).items() if "_input." in k or "_q_attn." in k or "_k_cache." in k}
         assert load_transform_tensors(fused_only, tensors) == 15
         assert (fused_only(probe).logits - expected).abs().max() < 1e-3
+    from service.model_source import CheckpointError
+
+    with pytest.raises(CheckpointError, match="already rotated with online transforms"):
+        compress_checkpoint(tmp_path / "out", ROTATE_ONLY, tmp_path / "again", device="cpu")
 
 
 def test_online_rotations_in_an_early_stage_are_refused(tmp_path):
@@ -199,7 +203,7 @@ def test_quantized_online_output_is_scored_streamed_as_the_model_it_computes(tmp
                                  evals=[EvalSet("tiny", TINY, 4096)])
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "mixed-precision"
-    source = StreamedModel(tmp_path / "out")
+    source = StreamedModel(tmp_path / "out", compressed=True)
     assert "sparsity_config" not in config and report["totals"]["sparsity"] == 0.0  # nothing was pruned
     formats = {scheme.format for _, scheme in source.compressed.values()}
     assert len(source.compressed) == 35 and formats == {"pack-quantized", "int-quantized"}
@@ -209,3 +213,8 @@ def test_quantized_online_output_is_scored_streamed_as_the_model_it_computes(tmp
     assert streamed == pytest.approx(whole, rel=1e-5)
     assert report["perplexity"]["tiny"]["after"] == pytest.approx(whole, rel=1e-5)
     assert 1.0 < report["perplexity"]["tiny"]["ratio"] < 1.5
+    from service.model_source import CheckpointError
+
+    with pytest.raises(CheckpointError, match="already quantized; compress its unquantized original"):
+        compress_checkpoint(tmp_path / "out", ROTATE_ONLY, tmp_path / "again", device="cpu")
+    assert not (tmp_path / "again").exists()
