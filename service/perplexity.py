@@ -125,8 +125,6 @@ def perplexity_streamed(
     online rotations recorded in config.json (R3/R4, ``service.transform_export.DESCRIPTION_KEY``) are attached
     to the skeleton first.
     """
-    import json
-
     from service.model_source import StreamedModel
     from service.pipeline import capture, find_blocks, run_block
     from service.rotations import attach_online_transforms
@@ -136,7 +134,7 @@ def perplexity_streamed(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = StreamedModel(model_dir, trust_remote_code=trust_remote_code, compressed=True)
     model = source.model
-    online = json.loads((Path(model_dir) / "config.json").read_text()).get(DESCRIPTION_KEY)
+    online = getattr(source.config, DESCRIPTION_KEY, None)  # config.json's keys are the config's attributes
     if online:
         attach_online_transforms(model, online)
     if any(scheme.input_activations is not None for _, scheme in source.compressed.values()):
