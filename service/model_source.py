@@ -205,16 +205,16 @@ class StreamedModel:
         self.model = empty_model(self.config, trust_remote_code=trust_remote_code)
         self.dtype = dtype  # None keeps each tensor's stored dtype
         self.tied = tied_parameters(self.model)
-        # A compressed-tensors checkpoint stores quantized weights packed: {"<module>.weight": (checkpoint
-        # prefix of the module, its scheme)}, decompressed one module at a time as they are loaded.
-        self.compressed: dict[str, tuple[str, object]] = {}
-        quantization = getattr(self.config, "quantization_config", None)
         from service.transform_export import DESCRIPTION_KEY
 
+        quantization = getattr(self.config, "quantization_config", None)
         online = getattr(self.config, DESCRIPTION_KEY, None)
         if not compressed and (quantization is not None or online):
             what = "quantized" if quantization is not None else "rotated with online transforms (R3/R4)"
             raise CheckpointError(f"model: '{self.dir}' is already {what}; compress its unquantized original")
+        # A compressed-tensors checkpoint stores quantized weights packed: {"<module>.weight": (the module's name,
+        # its scheme)}, decompressed one module at a time as they are loaded.
+        self.compressed: dict[str, tuple[str, object]] = {}
         if quantization is not None:
             from service.quantized_export import compressed_modules
 
