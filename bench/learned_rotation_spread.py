@@ -9,7 +9,7 @@ the 128 calibration samples with ``torch.randperm`` seeded by each value (-1: th
 Row kinds (``--rows``):
     lr=<x>        R1+R2 from Hadamard, scalings, rotation learning rate x (scalings at the default 0.005)
     identity-lr=<x>  the same with r1_init "identity": R1 from the identity and the norm scalings from the norm
-                  weights, so learning starts from the unrotated W4 model exactly (R2 from Hadamard)
+                  weights: R1 and the norms start as in the unrotated model (R2 from Hadamard)
     blocks1-lr=<x>   R1 from the identity (transform_block_size 1) but the scalings from 1, i.e. from the
                   folded norms (the W4 model is worse than unrotated at the start)
     scales-r1r2   Hadamard R1+R2 held fixed (learning rate 1e-9), only the scalings learned
@@ -40,7 +40,7 @@ from stories_protocol import stories_protocol  # noqa: E402
 def modifier(row: str) -> SpinQuantModifier:
     if row.startswith("lr="):
         return SpinQuantModifier(rotations=["R1", "R2"], learnable=True, learning_rate=float(row[3:]))
-    if row.startswith("identity-lr="):  # r1_init identity: starts as the unrotated model exactly
+    if row.startswith("identity-lr="):  # r1_init identity: R1 and norms as unrotated
         return SpinQuantModifier(rotations=["R1", "R2"], learnable=True, learning_rate=float(row[12:]),
                                  r1_init="identity")
     if row.startswith("blocks1-lr="):  # R1 starts at the identity (Hadamard blocks of 1), scalings at 1

@@ -12,7 +12,7 @@ wikitext-2 valid. Rows:
                               no scalings (the modifier before scalings: learn_scales false, objective ce)
     learned R1+R2 + scales    R1/R2 and the exact per-channel scalings (service/spinquant.py) learned together
       (KL) + W4 RTN           on KL(dense || W4 model), the modifier's defaults (150 steps, lr 0.005)
-    ... from identity         the same with r1_init "identity": learning starts from the unrotated W4 model
+    ... from identity         the same with r1_init "identity": R1 and the norms start as unrotated
     W4A8 / W4A4               + dynamic per-token 8/4-bit activations on every decoder Linear's input,
                               without rotations vs with R1-R4 (R4 rotates down_proj's input before quantizing)
     learned R1-R4 + scales    as above with R3/R4 online (R4 fixed, in the learning loop), W4 RTN + A8

@@ -39,9 +39,9 @@ R1/R2 and fused after them (before R4):
     ud          [intermediate]     up_proj rows / t, down_proj columns * t        (SwiGLU is linear in up)
     vo          [kv_heads * d]     v_proj rows / u, o_proj columns * u            (u shared by each GQA group)
 
-``r1_init: identity`` starts the learning from the unrotated model itself (R1 = I, s = 1/|g|): a model whose norm
-weights protect its outlier channels, as stories260K's do, keeps that protection unless rotating pays on the
-calibration loss; from Hadamard it has to win it back.
+``r1_init: identity`` starts R1 and the norms where the unrotated model has them (R1 = I, s = 1/|g|): a model
+whose norm weights protect its outlier channels, as stories260K's do, keeps that protection unless rotating pays
+on the calibration loss; from Hadamard it has to win it back.
 """
 
 from __future__ import annotations
@@ -184,8 +184,9 @@ class SpinQuantModifier(Modifier):
         4-bit symmetric per-channel)
     :param r1_init: with ``learnable``, where R1's learning starts: "transform" (the transform_type's matrix, as
         SpinQuant) or "identity": the model without R1, the norm scalings (``learn_scales``) starting at the norm
-        weights, so learning starts from exactly the unrotated model and rotates it only as far as the
-        calibration loss gains (on stories260K it ends lower than from Hadamard; bench/RESULTS.md)
+        weights, so R1 and the norms start exactly as in the unrotated model (R2, if planned, still starts at
+        its transform) and R1 turns only as far as the calibration loss gains (on stories260K it ends lower than
+        from Hadamard; bench/RESULTS.md)
     """
 
     statistic: ClassVar[str | None] = None  # the block pipeline needs no calibration statistic from us
@@ -701,10 +702,11 @@ def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, 
     "final_loss", "objective", "steps", "seconds", "r1_moved"}``, the initial/final losses being means over the
     same first (up to 4) batches, ``r1_moved`` how far R1 turned (Frobenius distance, and up to hidden size 4096
     the mean and largest rotation angle in radians; None without R1). The defaults here (no scalings, "ce") are
-    the behaviour before scalings existed; the modifier passes its own (scalings, "kl"). ``scales_from_norms`` (with scalings and R1): the "attn"/"mlp"
-    scalings start at 1/|g| of the norms they belong to instead of 1, which puts each norm's weight back where it
-    was before fusing: with an identity R1 the model starts exactly as the unrotated one (signs of g stay in the
-    readers' columns, which symmetric quantization does not see).
+    the behaviour before scalings existed; the modifier passes its own (scalings, "kl"). ``scales_from_norms``
+    (with scalings and R1): the "attn"/"mlp" scalings start at 1/|g| of the norms they belong to instead of 1,
+    which puts each norm's weight back where it was before fusing: with an identity R1 the norms and their readers
+    start as in the unrotated model (signs of g stay in the readers' columns, which symmetric quantization does
+    not see).
 
     Needs the whole model in memory and autograd through it: the loss depends on every rotated weight.
     ``batches`` are dicts with ``input_ids``; steps cycle through them. A planned R4 is in the loop (fixed);
