@@ -305,7 +305,7 @@ def test_learning_with_r4_in_the_loop_matches_the_rotated_quantized_model(storie
             out = model(ids, labels=ids)
             if objective == "kl":  # KL(dense || quantized), mean over tokens
                 dense_lp = torch.log_softmax(logits(dense, ids), -1)[0]
-                return report, (dense_lp.exp() * (dense_lp - torch.log_softmax(out.logits, -1)[0])).sum(-1).mean()
+                return report, (dense_lp.exp() * (dense_lp - torch.log_softmax(out.logits, -1)[0])).sum(-1).mean().item()
             return report, out.loss.item()
 
     report, with_r4 = learned_and_actual(["R1", "R2", "R4"])
