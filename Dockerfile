@@ -15,11 +15,13 @@ WORKDIR /opt/llmpress
 # torch first, from the chosen index, so the project install below keeps it.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 COPY pyproject.toml README.md ./
+COPY deploy/constraints.txt ./deploy/constraints.txt
 COPY service ./service
 COPY workers ./workers
 COPY api ./api
 COPY tests/fixtures ./tests/fixtures
-RUN pip install . && useradd --create-home --uid 1000 llmpress && mkdir -p /data && chown llmpress /data
+# The tested versions (deploy/constraints.txt), as deploy/setup.sh installs them.
+RUN pip install -c deploy/constraints.txt . && useradd --create-home --uid 1000 llmpress && mkdir -p /data && chown llmpress /data
 USER llmpress
 WORKDIR /data
 ENTRYPOINT ["llmpress"]

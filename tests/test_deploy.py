@@ -3,11 +3,18 @@ and CI must run exactly the README's test command."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import re
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,5 +59,54 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_shell_scripts_parse():
-    for script in (ROOT / "deploy" / "setup.sh", ROOT / ".ci" / "run"):
+    for script in (ROOT / "deploy" / "setup.sh", ROOT / "deploy" / "test-latest.sh", ROOT / ".ci" / "run"):
         subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "deploy" / "constraints.txt").read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)$", line.strip())
+        if match:
+            pins[canonicalize_name(match.group(1))] = match.group(2)
+    return pins
+
+
+def test_constraints_pin_every_dependency_inside_pyprojects_ranges():
+    """deploy/constraints.txt is the tested set: each dependency (bar torch, which setup.sh picks per machine) is
+    pinned once, inside the range pyproject.toml declares, so the two cannot drift apart."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _pins()
+    assert "torch" not in pins
+    for spec in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+        requirement = Requirement(spec)
+        name = canonicalize_name(requirement.name)
+        if name == "torch":
+            continue
+        assert name in pins, f"{name} is a dependency but deploy/constraints.txt does not pin it"
+        assert requirement.specifier.contains(pins[name], prereleases=True), \
+            f"deploy/constraints.txt pins {name}=={pins[name]}, outside pyproject's {requirement.specifier}"
+
+
+def test_setup_and_the_image_install_with_the_constraints():
+    assert "deploy/constraints.txt" in (ROOT / "deploy" / "setup.sh").read_text()
+    runs = [args for op, args in dockerfile_instructions() if op == "RUN"]
+    assert any("-c deploy/constraints.txt" in args and "pip install" in args for args in runs)
+
+
+@pytest.mark.skipif(os.environ.get("LLMPRESS_CONSTRAINTS") == "none",
+                    reason="deploy/test-latest.sh runs the suite on the newest releases on purpose")
+def test_this_environment_is_the_tested_one():
+    """What deploy/setup.sh installed is what deploy/constraints.txt says: the README's commands give the tested
+    environment on any machine (a pin the installer skipped, or a package upgraded by hand, shows here)."""
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("deploy/constraints.txt is for CPython 3.11")
+    differ = {}
+    for name, version in _pins().items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # an optional dependency of a dependency that this machine does not need
+        if installed != version:
+            differ[name] = f"{installed} installed, {version} pinned"
+    assert not differ, differ
