@@ -30,11 +30,13 @@ from starlette.concurrency import run_in_threadpool
 from api import schemas
 from api.dashboard import mount_dashboard
 from api.metrics import metrics_registry
-from service.api_keys import KeyInfo, KeyRing
-from service.job_runner import REQUEST_FIELDS, validate_request, webhook_payload
-from service.job_store import IdempotencyConflict, InvalidCursor, Job, JobStore, TERMINAL
-from service.settings import Settings
-from service.storage import StorageError, open_store
+from service.jobs.api_keys import KeyInfo, KeyRing
+from service.engine.options import OptionsError
+from service.jobs.job_store import IdempotencyConflict, InvalidCursor, Job, JobStore, TERMINAL
+from service.jobs.request import REQUEST_FIELDS, JobRequest
+from service.jobs.settings import Settings
+from service.jobs.storage import StorageError, open_store
+from service.jobs.webhook import webhook_payload
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,7 @@ API_VERSION = "1"
 PRESIGN_SECONDS = 3600
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
-# validate_request's messages start with the field they are about: "dataset.num_samples must be ...",
-# "output: '../x' contains ...", "recipe: unknown modifier ...".
+# The job store's own refusals (label limits) start with the field they are about: "labels: ...".
 _FIELD_AT_START = re.compile(r"^([A-Za-z_]+(?:\.[A-Za-z_]+)*)\b")
 
 DESCRIPTION = """\
@@ -222,9 +223,9 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
             examples=["release-2025-01-01-stories260K"])] = None,
     ):
         try:
-            request = validate_request(body.model_dump(exclude_none=True), settings)
-        except ValueError as exc:
-            return _validation_error(["body", *_field_of(str(exc))], str(exc))
+            request = JobRequest.parse(body.model_dump(exclude_none=True), settings).to_dict()
+        except OptionsError as exc:
+            return _validation_error(["body", *exc.loc], str(exc))
         labels = request.pop("labels", None)
         try:
             job, created = store.create_job(key.name, request, labels=labels, idempotency_key=idempotency_key)
@@ -421,7 +422,7 @@ async def _event_stream(store: JobStore, job_id: str, after: int, disconnected):
 def build_app(settings: Settings | None = None) -> FastAPI:
     """The production app (what ``llmpress serve`` runs): the job store at ``settings.database_url`` and the Ray
     dispatcher, which connects to Ray and recovers unfinished jobs when the app starts."""
-    from service.settings import get_settings
+    from service.jobs.settings import get_settings
     from workers.dispatch import RayDispatcher
 
     settings = settings or get_settings()

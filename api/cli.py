@@ -19,9 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-from service import cli as service_cli
+from api.schemas import DatasetSpec
+from service.engine import cli as service_cli
 
 SERVICE_COMMANDS = ("compress", "eval", "demo")
+DATASET_FLAGS = tuple(name for name in DatasetSpec.model_fields if name != "source")
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
@@ -58,9 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "folder, or a Hub id")
     j.add_argument("--recipe", required=True, help="recipe file (YAML in llm-compressor's format, or JSON)")
     j.add_argument("--dataset", help="calibration text (s3://bucket/key or a path the server can read)")
-    j.add_argument("--num-samples", type=int, default=None)
-    j.add_argument("--seq-len", type=int, default=None)
-    j.add_argument("--seed", type=int, default=None)
+    # One flag per calibration field of the HTTP contract, unset unless given (the server's defaults apply).
+    service_cli.add_option_flags(j, DatasetSpec, DATASET_FLAGS, defaults=False)
     j.add_argument("--output", required=True, help="s3://bucket/prefix/ or a folder under the server's artifacts")
     j.add_argument("--eval", help="evaluation text for the quality gate")
     j.add_argument("--max-ppl-ratio", type=float, help="fail the job when compressed/dense perplexity exceeds this")
@@ -110,7 +111,7 @@ def _serve(args) -> int:
     import ray
 
     from api.app import build_app
-    from service.settings import get_settings
+    from service.jobs.settings import get_settings
     from workers.dispatch import connect_ray
 
     settings = get_settings()
@@ -142,8 +143,8 @@ def _demo(args) -> int:
     from api.app import build_app
     from api.client import Client
     from api.embedded import EmbeddedServer
-    from service.cli import FIXTURES, summary
-    from service.settings import get_settings
+    from service.engine.cli import FIXTURES, summary
+    from service.jobs.settings import get_settings
     from workers.dispatch import connect_ray
 
     model = FIXTURES / "models" / "stories260K"
@@ -214,9 +215,7 @@ def _submit(args) -> int:
     dataset = None
     if args.dataset:
         dataset = {"source": args.dataset}
-        for name in ("num_samples", "seq_len", "seed"):
-            if getattr(args, name) is not None:
-                dataset[name] = getattr(args, name)
+        dataset.update({name: getattr(args, name) for name in DATASET_FLAGS if getattr(args, name) is not None})
     gate = None
     if args.eval or args.max_ppl_ratio is not None:
         if not (args.eval and args.max_ppl_ratio is not None):
@@ -269,9 +268,9 @@ def _jobs(args) -> int:
 
 
 def _keys(args) -> int:
-    from service.api_keys import create_key, list_keys
-    from service.job_store import JobStore
-    from service.settings import get_settings
+    from service.jobs.api_keys import create_key, list_keys
+    from service.jobs.job_store import JobStore
+    from service.jobs.settings import get_settings
 
     settings = get_settings()
     store = JobStore(settings.database_url)

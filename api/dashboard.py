@@ -23,8 +23,8 @@ from fastapi import Depends, FastAPI, HTTPException, Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.api_keys import KeyInfo
-from service.storage import MANIFEST_NAME, StorageError, check_key, open_store, parse_uri
+from service.jobs.api_keys import KeyInfo
+from service.jobs.storage import MANIFEST_NAME, StorageError, check_key, open_store, parse_uri
 
 STATIC = Path(__file__).resolve().parent / "static"
 RECIPES = Path(__file__).resolve().parents[1] / "service" / "recipes"

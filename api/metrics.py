@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select
 
-from service.job_store import JobEventRow, JobStore
+from service.jobs.job_store import JobEventRow, JobStore
 
 # Seconds: stories260K jobs take seconds, 7B models tens of minutes to hours.
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)

@@ -1,10 +1,11 @@
 """The HTTP contract: request and response bodies of the job API, with the examples the OpenAPI document shows.
 
 These models say what a caller may send and will get back; the checks that need the engine (the recipe parses, a
-location is inside the artifacts folder, ranges) are ``service.job_runner.validate_request``'s, and the API turns
-its ValueError into a 422 naming the field. Responses are built from the stored job with the webhook secret
-removed (``service.job_runner.webhook_payload``) and then pass through these models, so a field that is not
-declared here never reaches a caller.
+location is inside the artifacts folder, ranges) are ``service.jobs.request.JobRequest``'s, which the body becomes,
+and the API turns its OptionsError into a 422 naming the field. A dataset here is the engine's ``Calibration``
+(``service.engine.options``) as far as the service exposes it: its defaults and limits are read from there.
+Responses are built from the stored job with the webhook secret removed (``service.jobs.webhook.webhook_payload``)
+and then pass through these models, so a field that is not declared here never reaches a caller.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.job_runner import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, MAX_NUM_SAMPLES, MAX_SEQ_LEN
+from service.engine.options import Calibration
+
+_CALIBRATION = Calibration.model_fields
 
 JobStatus = Literal["queued", "running", "uploading", "succeeded", "failed", "cancelled"]
 
@@ -94,9 +97,10 @@ class DatasetSpec(_Request):
     source: str = Field(description="A .txt or .jsonl (with a 'text' field) file: s3://bucket/key or a local path "
                                     "under the service's artifacts folder.",
                         examples=["s3://datasets/wikitext-2/valid.txt"])
-    num_samples: int = Field(DEFAULT_NUM_SAMPLES, description=f"Calibration samples, 1 to {MAX_NUM_SAMPLES}.")
-    seq_len: int = Field(DEFAULT_SEQ_LEN, description=f"Tokens per sample, 2 to {MAX_SEQ_LEN}.")
-    seed: int = Field(0, description="Seed for drawing the samples, >= 0.")
+    # The engine's own defaults and descriptions (service.engine.options.Calibration); the checks are its too.
+    num_samples: int = Field(_CALIBRATION["num_samples"].default, description=_CALIBRATION["num_samples"].description)
+    seq_len: int = Field(_CALIBRATION["seq_len"].default, description=_CALIBRATION["seq_len"].description)
+    seed: int = Field(_CALIBRATION["seed"].default, description=_CALIBRATION["seed"].description)
 
 
 class EvalGate(_Request):

@@ -5,7 +5,7 @@ the CPU". For x of shape [tokens, n] float32 this times, with --threads torch th
 interleaved rounds:
 
 * dense:     x @ R.T with R = random_hadamard_matrix(n) precomputed (what a rotation without a fast transform costs);
-* fwht:      service.hadamard.fwht(x, signs=s) as shipped (Kronecker chain of small BLAS matmuls);
+* fwht:      service.algorithms.hadamard.fwht(x, signs=s) as shipped (Kronecker chain of small BLAS matmuls);
 * fwht/cN:   the same with the Sylvester chunks capped at 2^N instead of the shipped cap (to justify the cap);
 * fwht/bN:   the same with row blocks of 2^N elements instead of the shipped size; "unblocked": one block;
 * butterfly: a plain radix-2 add/sub butterfly over the 2^k factor (log2 passes over memory) + the K x K base matmul.
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from service import hadamard  # noqa: E402
-from service.hadamard import fwht, random_hadamard_matrix, random_signs  # noqa: E402
+from service.algorithms import hadamard  # noqa: E402
+from service.algorithms.hadamard import fwht, random_hadamard_matrix, random_signs  # noqa: E402
 
 
 def butterfly(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ def butterfly(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 
 
 def with_setting(name: str, value: int):
-    """fwht with one of service.hadamard's tuning constants temporarily changed."""
+    """fwht with one of service.algorithms.hadamard's tuning constants temporarily changed."""
 
     def run(x, s):
         old = getattr(hadamard, name)

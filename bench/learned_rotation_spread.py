@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 
 from quality_rotations import W4, rtn  # noqa: E402
-from service.oneshot import token_batches  # noqa: E402
-from service.spinquant import SpinQuantModifier, apply_spinquant  # noqa: E402
+from service.engine.oneshot import token_batches  # noqa: E402
+from service.recipes.spinquant import SpinQuantModifier, apply_spinquant  # noqa: E402
 from stories_protocol import stories_protocol  # noqa: E402
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from api.app import build_app  # noqa: E402
 from api.embedded import EmbeddedServer  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.jobs.settings import Settings  # noqa: E402
 from workers.dispatch import connect_ray  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"

@@ -5,8 +5,8 @@ quantizes each to W4 (RTN, int4 symmetric per output channel, lm_head kept dense
 (`llmpress compress`, a child process), then scores the quantized output's perplexity twice, each in a child
 process of its own so that each peak RSS belongs to one run:
 
-- streamed: `service.perplexity.perplexity_streamed(out_dir, ids, device="cpu")`, one block decompressed at a time;
-- whole: `service.perplexity.perplexity(service.oneshot.load_output(out_dir), ids)`, the whole model decompressed.
+- streamed: `service.engine.perplexity.perplexity_streamed(out_dir, ids, device="cpu")`, one block decompressed at a time;
+- whole: `service.engine.perplexity.perplexity(service.engine.model_source.load_output(out_dir), ids)`, the whole model decompressed.
 
 Both score the same token ids (the first --tokens tokens of a WikiText-2 valid prefix, stories260K tokenizer, in
 windows of 512, one batch of 8 windows) and must agree on the perplexity (1e-4 relative). Prints, per depth, the
@@ -31,7 +31,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-sys.path.insert(1, str(REPO))  # service.text_data, to tokenize the evaluation text once here
+sys.path.insert(1, str(REPO))  # service.engine.text_data, to tokenize the evaluation text once here
 
 from compare_sparsegpt import calibration_text, run_child  # noqa: E402
 from make_random_llama import write_model  # noqa: E402
@@ -50,18 +50,18 @@ quantization_stage:
 _RESULT = ("open(sys.argv[3], 'w').write(json.dumps({'ppl': r.ppl, 'nll': r.nll, 'tokens': r.tokens, "
            "'windows': r.windows})); print('ppl', r.ppl)")
 SCORE_STREAMED = (
-    "import sys, json, torch; from service.perplexity import perplexity_streamed; "
+    "import sys, json, torch; from service.engine.perplexity import perplexity_streamed; "
     "ids = torch.load(sys.argv[2]); "
     "r = perplexity_streamed(sys.argv[1], ids, device='cpu'); " + _RESULT
 )
 SCORE_WHOLE = (
-    "import sys, json, torch; from service.oneshot import load_output; from service.perplexity import perplexity; "
+    "import sys, json, torch; from service.engine.model_source import load_output; from service.engine.perplexity import perplexity; "
     "ids = torch.load(sys.argv[2]); "
     "r = perplexity(load_output(sys.argv[1]), ids); " + _RESULT
 )
 # The fixed cost both children pay before touching a weight: interpreter, torch, transformers, compressed-tensors.
-IMPORTS_ONLY = ("import torch, transformers, compressed_tensors; from service.perplexity import perplexity_streamed; "
-                "from service.oneshot import load_output; from service.quantized_export import load_quantized")
+IMPORTS_ONLY = ("import torch, transformers, compressed_tensors; from service.engine.perplexity import perplexity_streamed; "
+                "from service.engine.model_source import load_output; from service.engine.quantized_export import load_quantized")
 PPL_RTOL = 1e-4
 
 
@@ -73,7 +73,7 @@ def eval_ids(work: Path, model_dir: Path, tokens: int) -> Path:
     """The first `tokens` ids of a WikiText-2 valid prefix, saved once so that every child scores the same ids."""
     import torch
 
-    from service.text_data import load_tokenizer, read_texts, tokenize
+    from service.engine.text_data import load_tokenizer, read_texts, tokenize
 
     text = calibration_text(work, 1, tokens, model_dir / "tokenizer.json")
     ids = tokenize(load_tokenizer(model_dir), read_texts(text), max_tokens=tokens)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         if ids is None:
             ids = eval_ids(a.work, model, a.tokens)
         out = a.work / f"w4-{layers}l"
-        comp = run_child([sys.executable, "-m", "service.cli", "compress", "--model", str(model), "--recipe",
+        comp = run_child([sys.executable, "-m", "service.engine.cli", "compress", "--model", str(model), "--recipe",
                           str(recipe), "--output", str(out), "--overwrite", "--device", "cpu"],
                          env, a.work / f"w4-compress-{layers}l.log")
         if comp["returncode"]:

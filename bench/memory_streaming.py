@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         size = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
         whole = run_child([sys.executable, "-c", LOAD_WHOLE, str(model)], env, a.work / f"load-{layers}l.log")
         out = a.work / f"out-{layers}l"
-        ours = run_child([sys.executable, "-m", "service.cli", "compress", "--model", str(model), "--recipe",
+        ours = run_child([sys.executable, "-m", "service.engine.cli", "compress", "--model", str(model), "--recipe",
                           str(REPO / "service/recipes/sparsegpt_2of4.yaml"), "--dataset", str(text),
                           "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len), "--output", str(out),
                           "--overwrite", "--device", "cpu", "--pipeline", a.pipeline], env, a.work / f"compress-{layers}l.log")

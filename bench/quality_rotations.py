@@ -10,7 +10,7 @@ wikitext-2 valid. Rows:
     R1+R2 + W4 RTN            the same after Hadamard R1+R2
     learned R1+R2 (CE) + W4   R1/R2 learned with Cayley SGD on the W4 next-token loss, from the Hadamard start,
                               no scalings (the modifier before scalings: learn_scales false, objective ce)
-    learned R1+R2 + scales    R1/R2 and the exact per-channel scalings (service/spinquant.py) learned together
+    learned R1+R2 + scales    R1/R2 and the exact per-channel scalings (service/recipes/spinquant.py) learned together
       (KL) + W4 RTN           on KL(dense || W4 model), the modifier's defaults (150 steps, lr 0.005)
     ... from identity         the same with r1_init "identity": R1 and the norms start as unrotated
     W4A8 / W4A4               + dynamic per-token 8/4-bit activations on every decoder Linear's input,
@@ -18,8 +18,8 @@ wikitext-2 valid. Rows:
     learned R1-R4 + scales    as above with R3/R4 online (R4 fixed, in the learning loop), W4 RTN + A8
       (KL) + W4A8
 
-RTN is ``service.quantization.fake_quantize`` applied to each weight (lm_head and embeddings stay in float);
-activation quantization is ``service.quantization_modifiers.attach_activation_quantization``.
+RTN is ``service.algorithms.quantization.fake_quantize`` applied to each weight (lm_head and embeddings stay in float);
+activation quantization is ``service.recipes.quantization_modifiers.attach_activation_quantization``.
 Reference (llm-compressor 0.14, WikiText-2 / TinyStories): W4 RTN 243.4 / 6.368; its R1+R2 + W4 219.0 / 6.908.
 
     python3 bench/quality_rotations.py [--steps 150 --ce-steps 40 --lr 0.005 --threads 2 --json out.json]
@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
 
-from service.quantization import QuantArgs, fake_quantize  # noqa: E402
-from service.quantization_modifiers import attach_activation_quantization  # noqa: E402
-from service.spinquant import SpinQuantModifier, apply_spinquant  # noqa: E402
+from service.algorithms.quantization import QuantArgs, fake_quantize  # noqa: E402
+from service.recipes.quantization_modifiers import attach_activation_quantization  # noqa: E402
+from service.recipes.spinquant import SpinQuantModifier, apply_spinquant  # noqa: E402
 from stories_protocol import stories_protocol  # noqa: E402
 
 W4 = QuantArgs(num_bits=4, symmetric=True, strategy="channel")

@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from service.calibration_data import calibration_tokens  # noqa: E402
-from service.oneshot import token_batches  # noqa: E402
-from service.perplexity import perplexity  # noqa: E402
-from service.text_data import load_tokenizer, read_texts, tokenize  # noqa: E402
+from service.engine.calibration_data import calibration_tokens  # noqa: E402
+from service.engine.oneshot import token_batches  # noqa: E402
+from service.engine.perplexity import perplexity  # noqa: E402
+from service.engine.text_data import load_tokenizer, read_texts, tokenize  # noqa: E402
 
 FIX = REPO / "tests" / "fixtures"
 MODEL = FIX / "models" / "stories260K"

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures"
-STORIES = FIXTURES / "models" / "stories260K"
-WIKI_VALID = FIXTURES / "data" / "wikitext-2" / "valid.txt"
+from tests.fixture_paths import RECIPES, STORIES
+
 # The bundled SparseGPT 2:4 recipe (llm-compressor YAML; targets Linear, ignores lm_head).
-RECIPE_2OF4 = (FIXTURES.parents[1] / "service" / "recipes" / "sparsegpt_2of4.yaml").read_text()
+RECIPE_2OF4 = (RECIPES / "sparsegpt_2of4.yaml").read_text()
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 

@@ -7,7 +7,7 @@ One job, followed forward::
       a Ray cluster (RAY_ADDRESS): a detached actor "llmpress-job-<job id>" in namespace "llmpress" (its worker_ref)
       each asks for {"num_gpus": 1} when the cluster has GPUs, else {"num_cpus": 1}: with the slots taken, Ray holds
       the work back until one frees; there is no queue of ours
-    in the worker: JobStore(settings.database_url) -> service.job_runner.run_job -> progress per layer in the store
+    in the worker: JobStore(settings.database_url) -> service.jobs.job_runner.run_job -> progress per layer in the store
 
 Exactly once comes from the store: ``run_job`` takes a job with a queued->running compare-and-set, so work that is
 handed a job twice runs it once. Ray retries work whose worker process died (``max_retries``/``max_restarts``); the
@@ -35,9 +35,9 @@ from pathlib import Path
 import ray
 from sqlalchemy.engine import make_url
 
-from service.job_runner import run_job
-from service.job_store import ACTIVE, Job, JobStore
-from service.settings import Settings
+from service.jobs.job_runner import run_job
+from service.jobs.job_store import ACTIVE, Job, JobStore
+from service.jobs.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,307 @@
+"""A checkpoint in, a compressed checkpoint out: ``compress_checkpoint`` streams the recipe's stages block by block
+from the safetensors files to output shards (what the CLI and the job service run).
+
+What to do comes in one ``CompressionOptions`` (service.engine.options); the stages run through the same stage
+runner as the in-memory ``oneshot`` (service.engine.oneshot). The output directory appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.engine.export import AtomicDirectory, ShardWriter, copy_side_files, sparsity_config, write_json
+from service.engine.model_source import StreamedModel, resolve_model_dir
+from service.engine.oneshot import (
+    Progress, ReportBuilder, merge_reports, needs_data, quantizes, run_stage, stage_blocks, token_batches,
+)
+from service.engine.options import CompressionOptions, Evaluation
+from service.engine.pipeline import execution_device
+from service.recipes.recipe import load_recipe, recipe_summary
+
+log = logging.getLogger(__name__)
+
+
+class StreamedBlocks:
+    """Block weights read from the source checkpoint onto the device, written to an output shard, then freed.
+
+    With ``quantized_format``, every quantized Linear is written in the compressed-tensors layout (packed
+    integers, scales, zero points) instead of its fake-quantized weight, and its scheme is kept (``quantized``,
+    by module name) for config.json's ``quantization_config``; the other Linears are listed in ``unquantized``.
+    """
+
+    def __init__(self, source: StreamedModel, writer: ShardWriter | None, *, quantized_format: bool = False,
+                 rotation=None):
+        self.source = source
+        self.writer = writer
+        self.quantized_format = quantized_format
+        self.rotation = rotation  # a SpinQuantPlan: each block is rotated as it is loaded
+        self.quantized: dict[str, nn.Module] = {}
+        self.unquantized: list[str] = []
+        self.online: dict[str, dict] = {}  # online rotations written: {"R3"|"R4": {module name: spec}}
+
+    def load(self, index, name, block, device):
+        self.source.load(self.source.parameter_names(name), device)
+        if self.rotation is not None:
+            from service.recipes.spinquant import rotate_block
+
+            rotate_block(block, name, index, self.rotation)
+
+    def store(self, index, name, block, *, changed):
+        names = self.source.parameter_names(name)
+        if self.writer is not None:
+            tensors = {n: self.source.model.get_parameter(n) for n in names}
+            if self.quantized_format:
+                tensors = self._compressed(name, block, tensors)
+            if self.rotation is not None:
+                tensors.update(self._online(name, block))
+            self.writer.write(index + 1, tensors)
+        if self.rotation is not None:
+            from service.recipes.online_rotations import detach_online
+
+            detach_online(block)  # the block's hooks go with its weights; a later load rotates it afresh
+        self.source.release(names)
+
+    def _online(self, name: str, block: nn.Module) -> dict:
+        from service.recipes.online_rotations import online_transforms_description
+        from service.engine.transform_export import transform_tensors
+
+        description = online_transforms_description(block, prefix=name)
+        for key, entries in description.items():
+            self.online.setdefault(key, {}).update(entries)
+        return transform_tensors(description)
+
+    def _compressed(self, name: str, block: nn.Module, tensors: dict) -> dict:
+        from service.engine.quantized_export import compress_quantized_tensors, is_quantized, scheme_carrier
+        from service.recipes.targets import COMPRESSIBLE
+
+        for sub, module in block.named_modules(prefix=name):
+            if is_quantized(module):
+                for param in ("weight", "bias"):
+                    tensors.pop(f"{sub}.{param}", None)
+                tensors.update(compress_quantized_tensors(sub, module))
+                self.quantized[sub] = scheme_carrier(module)
+            elif isinstance(module, COMPRESSIBLE):
+                self.unquantized.append(sub)
+        return tensors
+
+
+def _stream_stage(
+    source_dir: Path, target_dir: Path, modifiers, tokens, device, *, mode, trust_remote_code, batch_size,
+    report: ReportBuilder, on_shard: Callable[[Path, str], None] | None = None, quantized_format: bool = False,
+) -> dict:
+    """One recipe stage from the checkpoint in ``source_dir`` to shards in ``target_dir``; what config.json must
+    change: ``quantization_config`` (with ``quantized_format``, when something was quantized),
+    ``tie_word_embeddings`` (when a rotation untied the head)."""
+    source = StreamedModel(source_dir, trust_remote_code=trust_remote_code)
+    model = source.model
+    block_names = [name for name, _ in stage_blocks(model, modifiers)]
+    outside = [n for n in source.keys if not any(n.startswith(b + ".") for b in block_names)]
+    writer = ShardWriter(target_dir, num_shards=len(block_names) + 1, on_written=on_shard)
+    source.load(outside, "cpu")  # embeddings, final norm, head: needed to capture the first block's inputs
+    config_changes: dict = {}
+    rotation = _streaming_rotation(model, modifiers)
+    untied: list[str] = []
+    if rotation is not None:
+        from service.recipes.spinquant import rotate_outside
+
+        if rotate_outside(model, rotation)["untied"]:
+            untied, source.tied = list(source.tied), {}  # the head has its own weight now: never re-tie it
+            config_changes["tie_word_embeddings"] = False
+
+    def write_outside(blocks) -> None:
+        names = [*outside, *untied]
+        writer.write(0, {n: model.get_parameter(n) for n in names if n not in source.tied})
+        source.release(names)  # not needed while the blocks stream
+
+    batches = token_batches(tokens, batch_size) if tokens is not None else None
+    store = StreamedBlocks(source, writer, quantized_format=quantized_format, rotation=rotation)
+    run_stage(model, modifiers, batches, store, device, mode=mode, report=report,
+              before_blocks=write_outside, probe_store=StreamedBlocks(source, None, rotation=rotation))
+    writer.finish()
+    if store.online:
+        from service.engine.transform_export import DESCRIPTION_KEY, transform_config
+
+        config_changes[DESCRIPTION_KEY] = store.online
+        config_changes["transform_config"] = transform_config(store.online)
+    if not store.quantized:
+        return config_changes
+    from service.engine.quantized_export import quantization_config
+    from service.recipes.targets import COMPRESSIBLE
+
+    heads = [n for n, m in model.named_modules()
+             if isinstance(m, COMPRESSIBLE) and not any(n.startswith(b + ".") for b in block_names)]
+    config = quantization_config(list(store.quantized.items()), ignore=[*heads, *store.unquantized])
+    groups = config["config_groups"]
+    if len(groups) == 1 and not store.unquantized:  # one scheme on every block Linear: say so, not 100 names
+        next(iter(groups.values()))["targets"] = ["Linear"]
+    if "transform_config" in config_changes:  # compressed-tensors keeps it inside the quantization config
+        config["transform_config"] = config_changes.pop("transform_config")
+    return {**config_changes, "quantization_config": config}
+
+
+def _streaming_rotation(model: nn.Module, modifiers):
+    """The SpinQuantPlan of the stage's SpinQuantModifier, if any, for rotating block by block as they stream.
+
+    R1 and R2 are fused into the weights; R3 and R4 run online, and each block's transform tensors go to its shard
+    (see service.engine.transform_export). Learned rotations need the whole model at once: the library's ``oneshot``.
+    """
+    from service.recipes.spinquant import SpinQuantModifier, infer_mappings, spinquant_plan
+
+    spin = [m for m in modifiers if isinstance(m, SpinQuantModifier)]
+    if not spin:
+        return None
+    if len(spin) > 1:
+        raise ValueError("recipe: one SpinQuantModifier per stage")
+    modifier = spin[0]
+    if modifier.learnable:
+        raise ValueError("SpinQuantModifier.learnable: learning rotations needs the whole model in memory; the "
+                         "streaming path (CLI, job service) takes fixed rotations: use service.engine.oneshot.oneshot")
+    mapping, norms = infer_mappings(model)
+    plan = spinquant_plan(model.config, modifier, modifier.mappings or mapping, modifier.norm_mappings or norms)
+    if plan.r3 is not None:
+        from service.recipes.online_rotations import enable_r3_attention
+
+        enable_r3_attention(model)  # blocks are marked as they load (rotate_block)
+    return plan
+
+
+def compress_checkpoint(
+    options: CompressionOptions | dict[str, Any],
+    *,
+    on_progress: Progress | None = None,
+    on_shard: Callable[[Path, str], None] | None = None,
+) -> dict:
+    """Compress ``options.model`` with ``options.recipe`` into the directory ``options.output``; the report.
+
+    ``options`` is a ``CompressionOptions`` or a mapping of its fields (checked first: a bad one raises an
+    OptionsError naming it). The output directory appears complete or not at all: config.json (with a
+    ``sparsity_config`` when the recipe prunes), sharded safetensors and their index, tokenizer and generation
+    files, recipe.yaml and compression_report.json. ``on_progress(event)`` gets a dict after every block;
+    ``on_shard(path, name)`` each weight shard of the output as soon as it is complete (``path`` is in a temporary
+    folder that is renamed at the end: take the file at once, e.g. by a hard link).
+    """
+    from service.engine.calibration_data import calibration_tokens
+    from service.engine.text_data import load_tokenizer
+
+    options = CompressionOptions.parse(options)
+    started = time.perf_counter()
+    progress = on_progress or (lambda event: None)
+    progress({"stage": "loading", "fraction": 0.0})
+    recipe = load_recipe(options.recipe)
+    device = execution_device(options.device)
+    trust = options.trust_remote_code
+    model_dir = resolve_model_dir(options.model, revision=options.revision, allow_pickle=options.allow_pickle)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
+    calibration = options.dataset
+    tokens = None
+    if needs_data(recipe.modifiers()):
+        if calibration is None:
+            raise ValueError("dataset: this recipe calibrates on data; give --dataset")
+        tokens = calibration_tokens(calibration.source, tokenizer, calibration.num_samples, calibration.seq_len,
+                                    seed=calibration.seed, sampling=calibration.sampling)
+
+    for stage in recipe.stages[:-1]:
+        # A later stage streams the checkpoint this one writes, which holds neither quantization nor online
+        # rotations in a form it reads back: both belong to the output, so to the last stage.
+        final_only = [type(m).__name__ for m in stage.modifiers
+                      if quantizes(m) or set(getattr(m, "rotations", ())) & {"R3", "R4"}]
+        if final_only:
+            raise ValueError(f"recipe: {', '.join(final_only)} in stage {stage.name!r} must be in the last stage: "
+                             "quantization and online rotations (R3, R4) are the final checkpoint's format")
+
+    config_changes: dict = {}
+    with AtomicDirectory(options.output, overwrite=options.overwrite) as out:
+        source_dir = _safetensors_source(model_dir, out.tmp, options.allow_pickle, trust)
+        parts: list[ReportBuilder] = []
+        for k, stage in enumerate(recipe.stages):
+            last = k == len(recipe.stages) - 1
+            target = out.tmp if last else out.tmp / f".stage-{k}"
+            part = ReportBuilder(progress, stage="compressing")
+            changes = _stream_stage(source_dir, target, stage.modifiers, tokens, device, mode=options.pipeline,
+                                    trust_remote_code=trust, batch_size=calibration and calibration.batch_size,
+                                    report=part, on_shard=on_shard if last else None, quantized_format=last)
+            config_changes.update(changes)
+            if source_dir.parent == out.tmp and source_dir.name.startswith(".stage-"):
+                shutil.rmtree(source_dir)
+            if not last:
+                _finish_directory(model_dir, target, extra_config=config_changes)
+            source_dir = target
+            parts.append(part)
+        report = merge_reports(parts)
+        report.update(
+            recipe=recipe_summary(recipe),
+            source={"model": options.model, "directory": str(model_dir)},
+            calibration=None if tokens is None else {
+                "dataset": calibration.source, "num_samples": calibration.num_samples,
+                "seq_len": calibration.seq_len, "seed": calibration.seed, "sampling": calibration.sampling,
+            },
+            pipeline=options.pipeline, device=str(device),
+        )
+        if any(hasattr(m, "mask_structure") for m in recipe.modifiers()):  # only a recipe that prunes is sparse
+            config_changes = {**config_changes, "sparsity_config": sparsity_config(report, recipe.modifiers())}
+        _finish_directory(model_dir, out.tmp, config_changes)
+        (out.tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        if options.evals:
+            progress({"stage": "evaluating", "fraction": 1.0})
+            report["perplexity"] = evaluate_pair(model_dir, out.tmp, tokenizer, options.evals, options.eval_seq_len,
+                                                 device, trust)
+        report["totals"]["wall_seconds"] = time.perf_counter() - started
+        write_json(out.tmp / "compression_report.json", report)
+        progress({"stage": "publishing", "fraction": 1.0})
+        report["output"] = str(out.publish())
+    return report
+
+
+def _safetensors_source(model_dir: Path, workdir: Path, allow_pickle: bool, trust_remote_code: bool) -> Path:
+    """model_dir itself, or (only when allowed) a safetensors copy of a pickle-only checkpoint."""
+    from service.engine.model_source import CheckpointError, SafetensorsCheckpoint
+
+    try:
+        SafetensorsCheckpoint(model_dir)
+        return model_dir
+    except CheckpointError:
+        if not allow_pickle or not list(model_dir.glob("pytorch_model*.bin")):
+            raise
+    from service.engine.model_source import load_config, model_class
+
+    log.warning("loading pickle checkpoint %s because allow_pickle was given", model_dir)
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    dense = model_class(config).from_pretrained(str(model_dir), use_safetensors=False,
+                                                trust_remote_code=trust_remote_code)
+    converted = workdir / ".stage-source"
+    dense.save_pretrained(str(converted), safe_serialization=True)
+    return converted
+
+
+def _finish_directory(model_dir: Path, target: Path, extra_config: dict) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(extra_config)
+    write_json(target / "config.json", config)
+    copy_side_files(model_dir, target)
+
+
+def evaluate_pair(before_dir: Path, after_dir: Path, tokenizer, evals: Sequence[Evaluation], seq_len: int,
+                  device: torch.device, trust_remote_code: bool = False) -> dict:
+    """Perplexity of the dense and the compressed model on each evaluation text, each streamed block by block
+    (evaluation needs no more memory than compression), quantized and online-rotated outputs included."""
+    from service.engine.perplexity import perplexity_streamed
+    from service.engine.text_data import read_texts, tokenize
+
+    results: dict[str, dict] = {}
+    for e in evals:
+        ids = tokenize(tokenizer, read_texts(e.source), max_tokens=e.max_tokens)
+        entry = results[e.name] = {"source": str(e.source), "tokens": int(len(ids))}
+        for key, directory in (("before", before_dir), ("after", after_dir)):
+            entry[key] = perplexity_streamed(directory, ids, seq_len=seq_len, device=device,
+                                             trust_remote_code=trust_remote_code).ppl
+        entry["ratio"] = entry["after"] / entry["before"]
+    return results

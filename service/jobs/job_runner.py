@@ -1,0 +1,316 @@
+"""Run one queued job to a terminal state: fetch inputs, compress, gate on quality, publish, notify.
+
+One job, followed forward::
+
+    queued -> running      (compare-and-set: only one worker ever gets past this line)
+      validate the request, refuse a location that is already published, fetch S3 inputs into the work folder
+      compress_checkpoint into <workdir>/<job id>/output, progress and metrics to the store after every layer,
+      stopping between layers when a cancel was requested; each weight shard is uploaded (in the background)
+      as soon as it is written
+      quality gate (eval.max_ppl_ratio)
+    running -> uploading -> the other files, then the manifest (last) -> succeeded
+    any error -> failed (a message a person can act on); a cancel -> cancelled
+    the work folder is removed; the webhook, if any, is told about the terminal state
+
+The manifest is written last, and the job's Publisher deletes what it uploaded when anything fails or the job is
+cancelled, so a failed or cancelled job never leaves a manifest behind (nor, as far as deletes succeed, shards).
+Every store write after the job is taken names the attempt it was taken as (a fencing token), so a worker that was
+presumed lost changes nothing once the job was re-queued. This module knows nothing of Ray or HTTP: ``workers/``
+calls :func:`run_job`; the request's checks are ``service.jobs.request`` (the API's 422s), the webhook's
+``service.jobs.webhook``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from service.engine.model_source import CheckpointError
+from service.jobs.job_store import Job, JobStore
+from service.jobs.request import EVAL_NAME, HUB_ID, JobRequest
+from service.jobs.settings import Settings
+from service.jobs.storage import Publisher, StorageError, fetch, parse_uri
+from service.jobs.webhook import notify
+
+log = logging.getLogger(__name__)
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback to stop the engine between layers."""
+
+
+class QualityGateFailed(ValueError):
+    """The compressed model's perplexity ratio is above the request's eval.max_ppl_ratio; carries the report."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def _input_roots(settings: Settings, extra: Sequence[str | Path]) -> list[Path]:
+    return [Path(settings.artifacts_root), *map(Path, settings.input_roots), *map(Path, extra)]
+
+
+def _fetch_input(uri: str, dest: Path, field: str, roots: list[Path]) -> Path:
+    """A local path for an input: S3 downloaded into ``dest``, a local path only inside one of ``roots``."""
+    if uri.lower().startswith("s3:"):
+        return fetch(uri, dest, field=field)
+    inside, errors = [], []
+    for root in roots:
+        try:
+            inside.append((root, Path(parse_uri(uri, field=field, local_root=root, confine=True)[1])))
+        except StorageError as exc:
+            errors.append(exc)
+    if not inside:
+        if len(roots) > 1 and all("outside" in str(e) for e in errors):
+            raise StorageError(f"{field}: '{uri}' is outside the folders jobs may read "
+                               f"({', '.join(str(r.resolve()) for r in roots)})")
+        raise errors[0]
+    # A relative path is looked up under each root in turn; otherwise the "does not exist" of the first.
+    root = next((root for root, path in inside if path.exists()), inside[0][0])
+    return fetch(uri, dest, field=field, local_root=root, confine=True)
+
+
+def _resolve_model(model: str, dest: Path, roots: list[Path], settings: Settings) -> Path:
+    """A local model directory: downloaded from S3, a folder under the input roots, or a Hub snapshot."""
+    if not model.lower().startswith(("s3:", "file:")) and HUB_ID.match(model) and not os.path.isabs(model):
+        if not any((root / model).exists() for root in roots):
+            return _hub_snapshot(model, settings)
+    path = _fetch_input(model, dest, "model", roots)
+    if not path.is_dir():
+        raise CheckpointError(f"model: '{model}' is a file; give the model's folder (config.json and weights)")
+    return path
+
+
+def _hub_snapshot(repo_id: str, settings: Settings) -> Path:
+    from service.engine.model_source import resolve_model_dir
+
+    if not settings.hub_offline:
+        return resolve_model_dir(repo_id)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        raise CheckpointError(
+            f"model: '{repo_id}' is not a folder the service can read and looks like a Hugging Face Hub id, but "
+            "the service runs offline (LLMPRESS_HUB_OFFLINE / HF_HUB_OFFLINE) and the model is not in its Hub "
+            "cache; upload the model to S3 or the artifacts folder and pass that location"
+        ) from None
+
+
+def _check_text(path: Path, field: str) -> None:
+    """Read the head of a text source now, so an unreadable one fails before any work with its field named."""
+    from service.engine.text_data import read_texts
+
+    try:
+        next(iter(read_texts(path)), None)
+    except UnicodeDecodeError:
+        raise ValueError(f"{field}: '{path.name}' is not UTF-8 text") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{field}: cannot read '{path.name}': {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become None (the store refuses them; JSON cannot carry them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _progress_callback(store: JobStore, job_id: str, attempt: int):
+    """on_progress for compress_checkpoint: record progress and per-layer/per-module metrics, and stop the run
+    (between layers) when the job was cancelled or is no longer ours."""
+
+    def on_progress(event: dict) -> None:
+        progress = {k: event[k] for k in ("stage", "layer", "layers", "fraction") if k in event}
+        delta = None
+        if "block" in event:
+            block = dict(event["block"])
+            # Metrics are keyed by block index (0-based, as in the report); progress["layer"] counts from 1.
+            delta = {"layers": {str(block.pop("index")): block},
+                     "modules": {name: {k: v for k, v in entry.items() if k != "memory_mb"}
+                                 for name, entry in event.get("modules", {}).items()}}
+        if not store.set_progress(job_id, _finite(progress), _finite(delta) if delta else None, attempt=attempt):
+            raise JobCancelled("the job is no longer running")
+        if store.cancel_requested(job_id):
+            raise JobCancelled("cancel requested")
+
+    return on_progress
+
+
+# ------------------------------------------------------------------------------------------------------- a job
+
+
+def _error_message(exc: BaseException, job_id: str) -> str:
+    if isinstance(exc, (ValueError, FileExistsError)):  # ours: StorageError, CheckpointError, RecipeError, ...
+        return str(exc) or type(exc).__name__
+    return (f"internal error while running the job ({type(exc).__name__}); the worker log has the details "
+            f"under job {job_id}")
+
+
+def _gate(report: dict, gate) -> None:
+    entry = report["perplexity"][EVAL_NAME]
+    ratio = entry.get("ratio")  # None when a perplexity was not finite: that fails the gate too
+    if ratio is not None and ratio <= gate.max_ppl_ratio:
+        return
+
+    def show(x):
+        return "not finite" if x is None else f"{x:.4f}"
+
+    raise QualityGateFailed(
+        f"quality gate failed: perplexity ratio {show(ratio)} (compressed {show(entry.get('after'))} / dense "
+        f"{show(entry.get('before'))} on {gate.source}) exceeds eval.max_ppl_ratio {gate.max_ppl_ratio:g}; "
+        "nothing was published", report
+    )
+
+
+def _manifest_extra(job_id: str, report: dict) -> dict:
+    extra = {"job_id": job_id, "recipe": report.get("recipe"), "totals": report.get("totals")}
+    if "perplexity" in report:
+        extra["perplexity"] = {k: {m: v.get(m) for m in ("before", "after", "ratio")}
+                               for k, v in report["perplexity"].items()}
+    return _finite(extra)
+
+
+def _execute(store: JobStore, job: Job, settings: Settings, folder: Path, input_roots: list[Path]) -> bool:
+    """Everything between running and succeeded; raises on any failure or on a cancel. False when the job was
+    ended elsewhere during the upload (its output is then removed again)."""
+    request = JobRequest.parse(job.request, settings)
+    on_progress = _progress_callback(store, job.id, job.attempt)
+    on_progress({"stage": "fetching", "fraction": 0.0})
+
+    # Opening the publisher refuses a taken or unreachable output location now, not after the compression.
+    # Each weight shard is uploaded as soon as it is written, while the next layer is compressed; leaving the
+    # `with` on any error or cancel deletes what was uploaded. The manifest goes last, in finish().
+    with Publisher(request.output, staging=folder / "staging", field="output",
+                   local_root=Path(settings.artifacts_root), confine=True) as publisher:
+        return _compress_and_publish(store, job, request, publisher, folder, input_roots, on_progress, settings)
+
+
+def _compress_and_publish(store: JobStore, job: Job, request: JobRequest, publisher: Publisher, folder: Path,
+                          input_roots: list[Path], on_progress, settings: Settings) -> bool:
+    from service.engine.compress import compress_checkpoint
+
+    job_id = job.id
+    inputs = folder / "inputs"
+    model_dir = _resolve_model(request.model, inputs / "model", input_roots, settings)
+    dataset_path = eval_path = None
+    if request.dataset is not None:
+        dataset_path = _fetch_input(request.dataset.source, inputs / "dataset", "dataset.source", input_roots)
+        _check_text(dataset_path, "dataset.source")
+    gate = request.eval
+    if gate is not None:
+        eval_path = _fetch_input(gate.source, inputs / "eval", "eval.source", input_roots)
+        _check_text(eval_path, "eval.source")
+
+    output_dir = folder / "output"
+    options = request.compression_options(model=model_dir, dataset=dataset_path, eval_source=eval_path,
+                                          output=output_dir)
+    report = compress_checkpoint(options, on_progress=on_progress,
+                                 on_shard=lambda path, name: publisher.add(path, name))
+    report.pop("output", None)  # the work folder, about to be removed
+    report["source"] = {"model": request.model}
+    if request.dataset is not None and report.get("calibration"):
+        report["calibration"]["dataset"] = request.dataset.source
+    if gate is not None:
+        report["perplexity"][EVAL_NAME]["source"] = gate.source
+        report["quality_gate"] = {"max_ppl_ratio": gate.max_ppl_ratio,
+                                  "passed": bool(report["perplexity"][EVAL_NAME]["ratio"] <= gate.max_ppl_ratio)}
+    report = _finite(report)
+    if gate is not None:
+        _gate(report, gate)
+
+    if store.cancel_requested(job_id):
+        raise JobCancelled("cancel requested")
+    if not store.transition(job_id, ["running"], "uploading", attempt=job.attempt, report=report):
+        raise JobCancelled("the job is no longer running")
+    # From here the job runs to the end: publishing cleans up after itself only when it fails.
+    store.set_progress(job_id, {"stage": "uploading", "fraction": 1.0}, attempt=job.attempt)
+    manifest = publisher.finish(output_dir, _manifest_extra(job_id, report))
+    report["output"] = manifest.uri
+    artifacts = {"uri": manifest.uri, "manifest": manifest.to_dict()}
+    if not store.transition(job_id, ["uploading"], "succeeded", attempt=job.attempt, artifacts=artifacts,
+                            report=report):
+        now = store.get(job_id)
+        if now is not None and now.attempt != job.attempt:
+            # This worker was presumed lost and the job re-queued: the output location belongs to the new attempt.
+            log.warning("job %s was taken over by attempt %d during this upload; leaving its output", job_id,
+                        now.attempt)
+            return False
+        # Someone else ended the job while we uploaded: the output must not outlive it.
+        log.warning("job %s ended elsewhere during upload; removing its published output", job_id)
+        publisher.abort()
+        return False
+    return True
+
+
+def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path | None = None,
+            worker_ref: str | None = None, input_roots: Sequence[str | Path] = ()) -> Job | None:
+    """Run the queued job ``job_id`` to succeeded, failed or cancelled, exactly once; the job as it ends up.
+
+    If the job is not queued (another worker has it, it was cancelled, it is finished) nothing is done and the job
+    is returned as it is (None if there is no such job). Local inputs must lie under ``settings.artifacts_root`` or
+    one of ``input_roots``; local outputs under ``settings.artifacts_root``. The work folder is
+    ``workdir/<job id>`` (default: the system temporary folder), removed at the end whatever happened.
+
+    A KeyboardInterrupt or SystemExit (the worker being stopped) leaves a job without a cancel request in its
+    status for recovery to re-queue, and is re-raised.
+    """
+    if not store.transition(job_id, ["queued"], "running", worker_ref=worker_ref):
+        return store.get(job_id)
+    folder = Path(workdir if workdir is not None else Path(tempfile.gettempdir()) / "llmpress-work") / job_id
+    shutil.rmtree(folder, ignore_errors=True)  # a previous attempt's leftovers
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    job = store.get(job_id)
+    ended = None
+    try:
+        if _execute(store, job, settings, folder, _input_roots(settings, input_roots)):
+            ended = "succeeded"
+    except JobCancelled as exc:
+        log.info("job %s stopped: %s", job_id, exc)
+        if store.transition(job_id, ["running", "uploading"], "cancelled", attempt=job.attempt):
+            ended = "cancelled"
+    except Exception as exc:
+        if isinstance(exc, (ValueError, FileExistsError)):
+            log.info("job %s failed: %s", job_id, exc)
+        else:
+            log.exception("job %s failed with an unexpected error", job_id)
+        fields = {"error": _error_message(exc, job_id)}
+        if isinstance(exc, QualityGateFailed):
+            fields["report"] = exc.report
+        if store.transition(job_id, ["running", "uploading"], "failed", attempt=job.attempt, **fields):
+            ended = "failed"
+    except BaseException:
+        if store.cancel_requested(job_id):
+            store.transition(job_id, ["running", "uploading"], "cancelled", attempt=job.attempt)
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    job = store.get(job_id)
+    log.info("job %s %s after %.1f s", job_id, job.status, time.perf_counter() - started)
+    if ended is not None:
+        notify(job)
+    return job
+
+
