@@ -30,8 +30,8 @@ from starlette.concurrency import run_in_threadpool
 from api import schemas
 from api.dashboard import mount_dashboard
 from api.metrics import metrics_registry
-from service.jobs.api_keys import KeyInfo, KeyRing
 from service.engine.options import OptionsError
+from service.jobs.api_keys import KeyInfo, KeyRing
 from service.jobs.job_store import IdempotencyConflict, InvalidCursor, Job, JobStore, TERMINAL
 from service.jobs.request import REQUEST_FIELDS, JobRequest
 from service.jobs.settings import Settings

@@ -171,8 +171,8 @@ def side_command(side: str, a, model: Path, text: Path, out: Path, losses: Path)
               "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len), "--output", str(out)]
     if side == "ours":
         extra = ["--pipeline", a.our_pipeline] if a.our_pipeline else []
-        return [a.our_python, "-m", "service.engine.cli", "compress", *common, "--device", "cpu", "--report-json", str(losses),
-                *extra]
+        return [a.our_python, "-m", "service.engine.cli", "compress", *common, "--device", "cpu",
+                "--report-json", str(losses), *extra]
     return [a.lc_python, str(BENCH / "llmcompressor_sparsegpt.py"), *common, "--threads", str(a.threads),
             "--losses-out", str(losses), "--stats-out", str(losses.with_name(losses.stem + "-stats.json"))]
 

@@ -5,8 +5,10 @@ quantizes each to W4 (RTN, int4 symmetric per output channel, lm_head kept dense
 (`llmpress compress`, a child process), then scores the quantized output's perplexity twice, each in a child
 process of its own so that each peak RSS belongs to one run:
 
-- streamed: `service.engine.perplexity.perplexity_streamed(out_dir, ids, device="cpu")`, one block decompressed at a time;
-- whole: `service.engine.perplexity.perplexity(service.engine.model_source.load_output(out_dir), ids)`, the whole model decompressed.
+- streamed: `service.engine.perplexity.perplexity_streamed(out_dir, ids, device="cpu")`, one block decompressed
+  at a time;
+- whole: `service.engine.perplexity.perplexity(service.engine.model_source.load_output(out_dir), ids)`, the whole
+  model decompressed.
 
 Both score the same token ids (the first --tokens tokens of a WikiText-2 valid prefix, stories260K tokenizer, in
 windows of 512, one batch of 8 windows) and must agree on the perplexity (1e-4 relative). Prints, per depth, the
@@ -55,13 +57,16 @@ SCORE_STREAMED = (
     "r = perplexity_streamed(sys.argv[1], ids, device='cpu'); " + _RESULT
 )
 SCORE_WHOLE = (
-    "import sys, json, torch; from service.engine.model_source import load_output; from service.engine.perplexity import perplexity; "
+    "import sys, json, torch; from service.engine.model_source import load_output; "
+    "from service.engine.perplexity import perplexity; "
     "ids = torch.load(sys.argv[2]); "
     "r = perplexity(load_output(sys.argv[1]), ids); " + _RESULT
 )
 # The fixed cost both children pay before touching a weight: interpreter, torch, transformers, compressed-tensors.
-IMPORTS_ONLY = ("import torch, transformers, compressed_tensors; from service.engine.perplexity import perplexity_streamed; "
-                "from service.engine.model_source import load_output; from service.engine.quantized_export import load_quantized")
+IMPORTS_ONLY = ("import torch, transformers, compressed_tensors; "
+                "from service.engine.perplexity import perplexity_streamed; "
+                "from service.engine.model_source import load_output; "
+                "from service.engine.quantized_export import load_quantized")
 PPL_RTOL = 1e-4
 
 

@@ -1,6 +1,6 @@
 """Perplexity of stories260K after RTN and GPTQ quantization (and SparseGPT 2:4 + GPTQ), next to llm-compressor.
 
-Protocol as bench/quality_stories.py and tests/test_quality_stories.py: calibration 128 x 256 tokens from the
+Protocol as bench/quality_stories.py and tests/engine/test_quality_stories.py: calibration 128 x 256 tokens from the
 start of WikiText-2 valid; perplexity over non-overlapping 512-token windows of the first 40,960 tokens of
 WikiText-2 test and of all of the TinyStories subset. Activation schemes (A8) are evaluated with dynamic
 per-token fake quantization hooks on the quantized Linears' inputs.
@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from service.engine.oneshot import oneshot  # noqa: E402
 from service.recipes import pruning_modifiers as pm  # noqa: E402
 from service.recipes import quantization_modifiers as qm  # noqa: E402
-from service.engine.oneshot import oneshot  # noqa: E402
 from stories_protocol import stories_protocol  # noqa: E402
 
 

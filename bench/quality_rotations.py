@@ -1,7 +1,7 @@
 """Quality of SpinQuant rotations on stories260K: perplexity with and without rotations under quantization.
 
-Protocol as tests/test_quality_stories.py: WikiText-2 test (first 40,960 tokens) and the whole TinyStories subset,
-non-overlapping 512-token windows; calibration (for learned rotations) is 128 x 256 tokens from the start of
+Protocol as tests/engine/test_quality_stories.py: WikiText-2 test (first 40,960 tokens) and the whole TinyStories
+subset, non-overlapping 512-token windows; calibration (for learned rotations) is 128 x 256 tokens from the start of
 wikitext-2 valid. Rows:
 
     dense                     the model as shipped

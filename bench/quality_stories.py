@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from service.recipes import pruning_modifiers as pm  # noqa: E402
 from service.engine.oneshot import oneshot  # noqa: E402
+from service.recipes import pruning_modifiers as pm  # noqa: E402
 from stories_protocol import stories_protocol  # noqa: E402
 
 REFERENCE = {  # llm-compressor 0.14 / shared/README.md

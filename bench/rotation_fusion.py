@@ -55,8 +55,8 @@ def llmpress_side(model_dir: str, threads: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from service.recipes.spinquant import SpinQuantModifier, apply_spinquant
     from service.engine.text_data import load_tokenizer
+    from service.recipes.spinquant import SpinQuantModifier, apply_spinquant
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -101,7 +101,8 @@ def test_the_checker_catches_an_arrow_that_points_up(module, source, why):
 
 
 def test_allowed_arrows_pass_the_checker():
-    assert not upward_imports("from service.algorithms import hadamard\nimport torch\nimport math", "service.algorithms.x")
+    assert not upward_imports("from service.algorithms import hadamard\nimport torch\nimport math",
+                              "service.algorithms.x")
     assert not upward_imports("from service.engine.options import CompressionOptions", "service.jobs.request")
     assert not upward_imports("from service.jobs.settings import Settings\nfrom workers import dispatch", "api.app")
 

@@ -153,8 +153,8 @@ def _paley_ii(q: int) -> Tensor:
 # through the Goethals-Seidel array. Sources, as tabulated in SageMath's ``williamson_type_quadruples_smallcases``:
 # m = 23, 29, 43: M. Hall Jr., Combinatorial Theory, 2nd ed., Wiley (table of Williamson matrices; 92 = 4 * 23 is
 # Baumert-Golomb-Hall 1962); m = 39: S. London, "Constructing new Turyn type sequences, T-sequences and Hadamard
-# matrices", PhD thesis, University of Illinois at Chicago (2013). tests/test_hadamard.py checks that their periodic
-# autocorrelations sum to 4m at shift 0 and to 0 elsewhere, and that every resulting matrix is Hadamard.
+# matrices", PhD thesis, University of Illinois at Chicago (2013). tests/algorithms/test_hadamard.py checks that their
+# periodic autocorrelations sum to 4m at shift 0 and to 0 elsewhere, and that every resulting matrix is Hadamard.
 _WILLIAMSON_FIRST_ROWS = {
     23: (
         "++---+---+-++-+---+---+",

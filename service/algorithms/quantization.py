@@ -104,7 +104,7 @@ def qparams_from_min_max(lo: Tensor, hi: Tensor, args: QuantArgs) -> tuple[Tenso
     eps = torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype, device=scale.device)
     scale = torch.where(scale == 0, eps, scale)
     # An all-zero group gives 0/0 = NaN above; casting NaN to int is undefined, so pin it to 0
-    # (what compressed-tensors' int8 cast of its NaN gave in tests/test_quantization.py on CPU).
+    # (what compressed-tensors' int8 cast of its NaN gave in tests/algorithms/test_quantization.py on CPU).
     zero = torch.nan_to_num(zero, nan=0.0).clamp(-128, 127).round().to(torch.int8)
     return scale, zero
 

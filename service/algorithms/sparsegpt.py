@@ -27,7 +27,6 @@ from service.algorithms.hessian import HessianError, inverse_hessian_factor
 from service.algorithms.masks import nm_keep_mask, unstructured_keep_mask, validate_mask_structure, validate_sparsity
 
 
-
 @dataclass(frozen=True)
 class SparseGPTResult:
     """Outcome of :func:`sparsegpt_prune`.

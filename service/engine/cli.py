@@ -114,8 +114,8 @@ def _compress(args) -> int:
 
 def _eval(args) -> int:
     from service.engine.model_source import CheckpointError, SafetensorsCheckpoint, load_dense, resolve_model_dir
-    from service.engine.pipeline import execution_device
     from service.engine.perplexity import perplexity, perplexity_streamed
+    from service.engine.pipeline import execution_device
     from service.engine.text_data import load_tokenizer, read_texts, tokenize
 
     device = execution_device(args.device)

@@ -71,8 +71,8 @@ class StreamedBlocks:
         self.source.release(names)
 
     def _online(self, name: str, block: nn.Module) -> dict:
-        from service.recipes.online_rotations import online_transforms_description
         from service.engine.transform_export import transform_tensors
+        from service.recipes.online_rotations import online_transforms_description
 
         description = online_transforms_description(block, prefix=name)
         for key, entries in description.items():

@@ -127,9 +127,9 @@ def perplexity_streamed(
     """
     from service.engine.model_source import StreamedModel
     from service.engine.pipeline import capture, run_block
-    from service.recipes.targets import find_blocks
-    from service.recipes.online_rotations import attach_online_transforms
     from service.engine.transform_export import DESCRIPTION_KEY
+    from service.recipes.online_rotations import attach_online_transforms
+    from service.recipes.targets import find_blocks
 
     _check(token_ids, seq_len, batch_size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -140,8 +140,8 @@ def perplexity_streamed(
         attach_online_transforms(model, online)
     if any(scheme.input_activations is not None for _, scheme in source.compressed.values()):
         # A8/A4 schemes quantize each Linear's input at run time, after the online rotation (hooks run in order)
-        from service.recipes.quantization_modifiers import attach_scheme_activation_quantization
         from service.engine.quantized_export import quant_args_from_ct
+        from service.recipes.quantization_modifiers import attach_scheme_activation_quantization
 
         for name, scheme in source.compressed.values():
             if scheme.input_activations is not None:

@@ -1,8 +1,8 @@
 """The pruning modifiers a recipe names: SparseGPTModifier, WandaPruningModifier, MagnitudePruningModifier.
 
 Their fields are llm-compressor's arguments (so users' recipes load unchanged) and the math is in pure functions
-(service.algorithms.sparsegpt, service.algorithms.wanda, service.algorithms.magnitude). The pipeline (service.engine.pipeline) asks each modifier only
-two things: which modules of a block it targets with which sparsity, and to compress one module given its
+(service.algorithms.sparsegpt, .wanda, .magnitude). The pipeline (service.engine.pipeline) asks each modifier
+only two things: which modules of a block it targets with which sparsity, and to compress one module given its
 calibration statistic. The llm-compressor event lifecycle (calibrate_module hooks, compress_modules on
 SEQUENTIAL_EPOCH_END) is also implemented for callers that drive modifiers with events themselves.
 """
@@ -18,14 +18,14 @@ import torch
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
-from service.recipes.lifecycle import State
 from service.algorithms.magnitude import magnitude_prune
 from service.algorithms.masks import parse_mask_structure
-from service.recipes.layerwise_modifier import HessianSolverModifier, LayerwiseModifier
-from service.recipes.recipe import register_modifier
 from service.algorithms.sparsegpt import sparsegpt_prune
-from service.recipes.targets import as_patterns, set_weight_matrix, weight_matrix
 from service.algorithms.wanda import wanda_prune
+from service.recipes.layerwise_modifier import HessianSolverModifier, LayerwiseModifier
+from service.recipes.lifecycle import State
+from service.recipes.recipe import register_modifier
+from service.recipes.targets import as_patterns, set_weight_matrix, weight_matrix
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class SparsityModifierBase(LayerwiseModifier):
     def _prune(self, weight: torch.Tensor, statistic: Any, sparsity: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
         raise NotImplementedError
 
-    # --- llm-compressor's event lifecycle (service.recipes.layerwise_modifier), plus OWL's precondition ------------------
+    # --- llm-compressor's event lifecycle (service.recipes.layerwise_modifier), plus OWL's precondition -----
 
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         if self.sparsity_profile == "owl" and self._layer_sparsities is None:

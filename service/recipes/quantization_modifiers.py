@@ -2,8 +2,8 @@
 
 Their arguments are llm-compressor's (``targets``, ``ignore``, ``scheme``, ``config_groups``, GPTQ's
 ``block_size``, ``dampening_frac``, ``actorder``, ``offload_hessians``, ``sequential_targets``) and the
-math is in pure functions (service.algorithms.quantization, service.algorithms.gptq). They plug into the block pipeline the
-way the pruning modifiers do: the pipeline asks which modules of a block they target and then calls
+math is in pure functions (service.algorithms.quantization, service.algorithms.gptq). They plug into the block
+pipeline the way the pruning modifiers do: the pipeline asks which modules of a block they target and then calls
 ``compress_module`` with the module's calibration statistic (a Hessian for GPTQ, nothing for RTN).
 
 After ``compress_module`` a Linear holds its fake-quantized (dequantized) weight and carries what the
@@ -26,8 +26,8 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from service.algorithms.gptq import ACTORDERS, gptq_quantize
-from service.recipes.layerwise_modifier import HessianSolverModifier, LayerwiseModifier
 from service.algorithms.quantization import QuantArgs, fake_quantize, fake_quantize_activations, quantization_params
+from service.recipes.layerwise_modifier import HessianSolverModifier, LayerwiseModifier
 from service.recipes.recipe import register_modifier
 from service.recipes.targets import as_patterns, compressible_modules, matches_any, set_weight_matrix, weight_matrix
 

@@ -60,7 +60,8 @@ _LIST_ITEM_FORMS = '{"ClassName": {args}} or {"type": "ClassName", ...args}'
 _REGISTRY: dict[str, type[Modifier]] = {}
 # The modules that define llmpress's own modifiers: imported on first use, so that every caller (CLI, API, a
 # Ray worker) knows every modifier whatever it happened to import before.
-BUILTIN_MODIFIER_MODULES = ("service.recipes.pruning_modifiers", "service.recipes.quantization_modifiers", "service.recipes.spinquant")
+BUILTIN_MODIFIER_MODULES = ("service.recipes.pruning_modifiers", "service.recipes.quantization_modifiers",
+                            "service.recipes.spinquant")
 
 
 def _load_builtin_modifiers() -> None:

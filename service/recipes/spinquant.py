@@ -718,8 +718,8 @@ def learn_rotations(model: nn.Module, plan: SpinQuantPlan, batches, quant_args, 
     import torch.nn.functional as F
     from torch.func import functional_call
 
-    from service.recipes.targets import find_blocks
     from service.algorithms.quantization import fake_quantize
+    from service.recipes.targets import find_blocks
 
     if objective not in ("kl", "ce"):
         raise ValueError(f"objective: 'kl' or 'ce'; got {objective!r}")

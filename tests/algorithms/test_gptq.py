@@ -240,8 +240,6 @@ def test_negative_definite_hessian_raises():
         ({"mask": torch.ones(4, 8)}, "mask"),
     ],
 )
-
-
 def test_bad_arguments_name_the_field(kwargs, field):
     call = {"args": QuantArgs(4), **kwargs}
     with pytest.raises(ValueError, match=field):

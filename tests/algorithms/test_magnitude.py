@@ -59,8 +59,6 @@ def test_magnitude_preserve_sparsity_mask():
         (lambda: magnitude_prune(W.flatten(), 0.5), "weight"),
     ],
 )
-
-
 def test_bad_arguments(call, field):
     with pytest.raises(ValueError, match=field):
         call()

@@ -8,8 +8,6 @@ from service.algorithms.masks import keep_mask, nm_keep_mask, parse_mask_structu
     "value, expected",
     [("0:0", (0, 0)), ("2:4", (2, 4)), ("1:4", (1, 4)), ("4:8", (4, 8)), ("1:2", (1, 2)), ("16:32", (16, 32))],
 )
-
-
 def test_parse_mask_structure_good(value, expected):
     assert parse_mask_structure(value) == expected
 
@@ -17,8 +15,6 @@ def test_parse_mask_structure_good(value, expected):
 @pytest.mark.parametrize(
     "value", ["3:2", "a:b", "4:4", "2", "", "0:4", "2:0", "-1:4", "2:4:8", " 2:4", "2.0:4", "1:0", ":"]
 )
-
-
 def test_parse_mask_structure_bad(value):
     with pytest.raises(ValueError) as info:
         parse_mask_structure(value)

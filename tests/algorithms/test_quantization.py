@@ -108,8 +108,6 @@ def test_activations_per_token_match_slow_reference_and_compressed_tensors():
     [({"num_bits": 1}, "num_bits"), ({"num_bits": 9}, "num_bits"), ({"strategy": "row"}, "strategy"),
      ({"strategy": "group"}, "group_size"), ({"group_size": 8}, "group_size"), ({"strategy": "token"}, "dynamic")],
 )
-
-
 def test_quant_args_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         QuantArgs(**kwargs)

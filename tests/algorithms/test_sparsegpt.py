@@ -295,8 +295,6 @@ def test_negative_definite_hessian_raises():
         (dict(sparsity=0.5, dampening_frac=-0.01), "dampening_frac"),
     ],
 )
-
-
 def test_bad_arguments(kwargs, field):
     weight, _, hessian = _data(4, 8)
     with pytest.raises(ValueError, match=field):

@@ -60,8 +60,6 @@ def test_wanda_preserve_sparsity_mask():
         (lambda: wanda_prune(W, torch.ones(4), 0.5, mask_structure=(2, 3)), r"\(2, 4\)"),
     ],
 )
-
-
 def test_bad_arguments(call, field):
     with pytest.raises(ValueError, match=field):
         call()

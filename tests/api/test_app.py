@@ -194,8 +194,6 @@ def test_authentication_and_tenants(env):
     ({"webhook": {"url": "ftp://x", "secret": WEBHOOK_SECRET}}, ["body", "webhook", "url"]),
     ({"surprise": 1}, ["body", "surprise"]),
 ])
-
-
 def test_invalid_requests_are_422_naming_the_field(env, change, loc):
     before = job_count(env)
     response = env.http.post("/v1/jobs", json=job_body(**change), headers=auth("alice"))
@@ -413,12 +411,10 @@ def run_cli(env, *args, key="alice", extra_env=None):
     ({"dataset": {"source": str(STORIES / "model.safetensors"), "num_samples": 4, "seq_len": 32}},
      "dataset.source: cannot read"),
 ])
-
-
 def test_bad_inputs_through_rest_fail_the_job_with_a_clear_error(ray_env, change, expected):
     """What only the worker can find out (the model or the text is not there or not readable, the Hub is out of
     reach): the job is created, then ends ``failed`` with an error a person can act on, and publishes nothing.
-    (A missing S3 bucket, the same through moto's S3: tests/test_job_runner.py.)"""
+    (A missing S3 bucket, the same through moto's S3: tests/jobs/test_job_runner.py.)"""
     env = ray_env
     client = Client(env.url, KEYS["alice"])
     body = {"model": str(STORIES), "recipe": RECIPE_YAML, "output": f"bad-{uuid.uuid4().hex[:8]}",

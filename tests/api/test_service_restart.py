@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from service.jobs.job_store import JobStore
-from tests.tiny_models import RECIPE_2OF4
 from tests.fixture_paths import FIXTURES, REPO, STORIES
+from tests.tiny_models import RECIPE_2OF4
 
 pytest.importorskip("ray")
 

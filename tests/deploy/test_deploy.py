@@ -94,8 +94,6 @@ def test_setup_and_the_image_install_with_the_constraints():
 
 @pytest.mark.skipif(os.environ.get("LLMPRESS_CONSTRAINTS") == "none",
                     reason="deploy/test-latest.sh runs the suite on the newest releases on purpose")
-
-
 def test_this_environment_is_the_tested_one():
     """What deploy/setup.sh installed is what deploy/constraints.txt says: the README's commands give the tested
     environment on any machine (a pin the installer skipped, or a package upgraded by hand, shows here)."""

@@ -7,32 +7,13 @@ import pytest
 import torch
 
 from service.engine.calibration_data import calibration_tokens
-from service.engine.text_data import load_tokenizer, read_texts, tokenize
-from tests.fixture_paths import FIXTURES, WIKI_VALID
-
-MODEL_DIR = FIXTURES / "models" / "stories260K"
-STORIES = FIXTURES / "data" / "tinystories" / "valid-subset.txt"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(MODEL_DIR)
-
-
-def whole_text_ids(tok, text: str) -> torch.Tensor:
-    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-
-def stories_lines() -> list[str]:
-    return STORIES.read_text(encoding="utf-8").splitlines(keepends=True)
-
-
-# --- tokenize -------------------------------------------------------------------------------------------------
-
+from service.engine.text_data import read_texts, tokenize
+from tests.engine.texts import stories_lines, whole_text_ids
+from tests.fixture_paths import TINYSTORIES, WIKI_VALID
 
 @pytest.mark.parametrize("sampling", ["head", "random"])
 def test_calibration_shape(tok, sampling):
-    batch = calibration_tokens(STORIES, tok, num_samples=4, seq_len=16, sampling=sampling)
+    batch = calibration_tokens(TINYSTORIES, tok, num_samples=4, seq_len=16, sampling=sampling)
     assert batch.shape == (4, 16) and batch.dtype == torch.long
 
 
@@ -43,13 +24,13 @@ def test_head_windows_are_the_start_of_the_stream(tok):
 
 
 def test_random_sampling_deterministic_per_seed(tok):
-    stream = tokenize(tok, read_texts(STORIES))
+    stream = tokenize(tok, read_texts(TINYSTORIES))
     seq_len = 64
     windows = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)
 
-    a = calibration_tokens(STORIES, tok, 16, seq_len, sampling="random", seed=1)
-    b = calibration_tokens(STORIES, tok, 16, seq_len, sampling="random", seed=1)
-    c = calibration_tokens(STORIES, tok, 16, seq_len, sampling="random", seed=2)
+    a = calibration_tokens(TINYSTORIES, tok, 16, seq_len, sampling="random", seed=1)
+    b = calibration_tokens(TINYSTORIES, tok, 16, seq_len, sampling="random", seed=1)
+    c = calibration_tokens(TINYSTORIES, tok, 16, seq_len, sampling="random", seed=2)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -62,9 +43,9 @@ def test_random_sampling_deterministic_per_seed(tok):
 
 
 def test_random_sampling_can_take_every_window(tok):
-    stream = tokenize(tok, read_texts(STORIES))
+    stream = tokenize(tok, read_texts(TINYSTORIES))
     n = len(stream) // 512
-    batch = calibration_tokens(STORIES, tok, n, 512, sampling="random", seed=0)
+    batch = calibration_tokens(TINYSTORIES, tok, n, 512, sampling="random", seed=0)
     got = sorted(map(tuple, batch.tolist()))
     assert got == sorted(map(tuple, stream[: n * 512].view(n, 512).tolist()))
 
@@ -86,11 +67,9 @@ def test_too_little_text(tok, tmp_path):
         ({"num_samples": 2, "seq_len": 16, "sampling": "tail"}, "sampling"),
     ],
 )
-
-
 def test_invalid_arguments_name_the_field(tok, kwargs, field):
     with pytest.raises(ValueError, match=field):
-        calibration_tokens(STORIES, tok, **kwargs)
+        calibration_tokens(TINYSTORIES, tok, **kwargs)
 
 
 # --- the same text from every kind of source --------------------------------------------------------------------

@@ -60,8 +60,6 @@ def test_eval_scores_a_quantized_output_streamed(tmp_path):
     ("SparseGPTModifier:", "SparseGPTModifer:"),
     ("dampening_frac: 0.01", "dampening: 0.01"),
 ])
-
-
 def test_bad_recipes_name_the_field(tmp_path, change, field):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text((RECIPES / "sparsegpt_2of4.yaml").read_text().replace(*((change, field))))

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
+from service.engine.calibration_data import calibration_tokens
+from service.engine.compress import compress_checkpoint
 from service.engine.export import INDEX_NAME
 from service.engine.model_source import CheckpointError, StreamedModel
-from service.engine.compress import compress_checkpoint
 from service.engine.oneshot import oneshot, token_batches
 from service.engine.options import CompressionOptions
-from service.engine.calibration_data import calibration_tokens
 from service.engine.text_data import load_tokenizer
 from tests.fixture_paths import WIKI_VALID
 from tests.tiny_models import RECIPE_2OF4, make_model, write_model
@@ -112,7 +112,8 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
         compress_checkpoint(CompressionOptions(model=src, recipe=RECIPE_24, output=tmp_path / "out", device="cpu",
                                                dataset={"source": WIKI_VALID, "num_samples": 4, "seq_len": 32}))
     report = compress_checkpoint(CompressionOptions(model=src, recipe=RECIPE_24, output=tmp_path / "out",
-                                                    device="cpu", allow_pickle=True, dataset={"source": WIKI_VALID, "num_samples": 4, "seq_len": 32}))
+                                                    device="cpu", allow_pickle=True,
+                                                    dataset={"source": WIKI_VALID, "num_samples": 4, "seq_len": 32}))
     assert report["totals"]["sparsity"] == pytest.approx(0.5)
     assert not list((tmp_path / "out").glob("*.bin")) and not list((tmp_path / "out").glob(".stage*"))
 

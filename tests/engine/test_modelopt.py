@@ -396,8 +396,6 @@ def test_export_of_a_dense_model_changes_nothing():
     ("sparsegpt", {"data_loader": batches(), "collect_func": lambda b: [b]}, ValueError,
      r"collect_func returned a list for batch 0"),
 ])
-
-
 def test_sparsify_errors(mode, config, error, message):
     model = llama()
     before = logits(model)

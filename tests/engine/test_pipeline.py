@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from service.recipes import pruning_modifiers as pm
 from service.algorithms.hessian import HessianAccumulator
+from service.algorithms.sparsegpt import sparsegpt_prune
 from service.engine.oneshot import oneshot, token_batches
 from service.engine.pipeline import capture, module_tasks
+from service.recipes import pruning_modifiers as pm
 from service.recipes.targets import find_blocks
-from service.algorithms.sparsegpt import sparsegpt_prune
 from service.recipes.targets import compressible_modules, weight_matrix
 from tests.tiny_models import ARCHITECTURES, make_model
 

@@ -11,11 +11,11 @@ import copy
 import pytest
 import torch
 
-from service.recipes import pruning_modifiers as pm
 from service.engine.calibration_data import calibration_tokens
 from service.engine.oneshot import oneshot, token_batches
 from service.engine.perplexity import perplexity
 from service.engine.text_data import load_tokenizer, read_texts, tokenize
+from service.recipes import pruning_modifiers as pm
 from tests.fixture_paths import FIXTURES, STORIES, WIKI_VALID
 
 LLMC = {"sparsegpt_0:0": (291.7, 24.44), "sparsegpt_2:4": (291.7, 42.43)}

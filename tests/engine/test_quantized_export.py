@@ -9,10 +9,10 @@ pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-import service.recipes.pruning_modifiers  # noqa: E402,F401  (registers SparseGPTModifier)
-from service.recipes import quantization_modifiers as qm  # noqa: E402
-from service.engine.oneshot import oneshot, token_batches  # noqa: E402
 from service.algorithms.quantization import QuantArgs, quantize  # noqa: E402
+from service.engine.oneshot import oneshot, token_batches  # noqa: E402
+from service.recipes import quantization_modifiers as qm  # noqa: E402
+import service.recipes.pruning_modifiers  # noqa: E402,F401  (registers SparseGPTModifier)
 from service.engine.quantized_export import (  # noqa: E402
     compress_quantized_tensors, load_quantized, quantization_config, save_quantized,
 )

@@ -44,8 +44,9 @@ def load(directory):
 
 def test_streamed_sparse_gptq_checkpoint_reloads_to_the_in_memory_result(tmp_path):
     report = compress_checkpoint(CompressionOptions(model=STORIES, recipe=SPARSE_THEN_GPTQ, output=tmp_path / "out",
-                                                    evals=[Evaluation(name="tiny", source=TINY,
-                                                                      max_tokens=4096)], device="cpu", dataset={"source": CALIB, "num_samples": 16, "seq_len": 64}))
+                                                    evals=[Evaluation(name="tiny", source=TINY, max_tokens=4096)],
+                                                    device="cpu", dataset={"source": CALIB, "num_samples": 16,
+                                                                           "seq_len": 64}))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     quant = config["quantization_config"]
     assert quant["quant_method"] == "compressed-tensors" and quant["format"] == "pack-quantized"
@@ -173,7 +174,8 @@ def test_streamed_online_rotations_are_recorded_and_read_back_by_ours_and_by_com
     from service.engine.transform_export import DESCRIPTION_KEY
 
     report = compress_checkpoint(CompressionOptions(model=STORIES, recipe=ONLINE, output=tmp_path / "out",
-                                                    device="cpu", evals=[Evaluation(name="tiny", source=TINY, max_tokens=4096)]))
+                                                    device="cpu",
+                                                    evals=[Evaluation(name="tiny", source=TINY, max_tokens=4096)]))
     assert abs(report["perplexity"]["tiny"]["ratio"] - 1) < 1e-4  # exact, online rotations running
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert set(config[DESCRIPTION_KEY]) == {"R3", "R4"} and len(config[DESCRIPTION_KEY]["R4"]) == 5
@@ -247,13 +249,13 @@ def test_quantized_online_output_is_scored_streamed_as_the_model_it_computes(tmp
     """The quality gate streams quantized outputs block by block too: packed int4 with packed zero points and int8
     modules (int-quantized, as W8A8 is stored) decompressed one module at a time, R3/R4 attached to the skeleton:
     the same perplexity as the whole decompressed model with its online rotations (load_output)."""
-    from service.engine.model_source import StreamedModel
-    from service.engine.model_source import load_output
+    from service.engine.model_source import StreamedModel, load_output
     from service.engine.perplexity import perplexity, perplexity_streamed
     from service.engine.text_data import read_texts, tokenize
 
     report = compress_checkpoint(CompressionOptions(model=STORIES, recipe=ROTATE_ONLINE_W4_ASYM,
-                                                    output=tmp_path / "out", device="cpu", evals=[Evaluation(name="tiny", source=TINY, max_tokens=4096)]))
+                                                    output=tmp_path / "out", device="cpu",
+                                                    evals=[Evaluation(name="tiny", source=TINY, max_tokens=4096)]))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "mixed-precision"
     source = StreamedModel(tmp_path / "out", compressed=True)

@@ -6,38 +6,22 @@ import pytest
 import torch
 
 import service.engine.text_data as text_data
-from service.engine.text_data import load_tokenizer, read_texts, tokenize
-from tests.fixture_paths import FIXTURES, WIKI_TEST
-
-MODEL_DIR = FIXTURES / "models" / "stories260K"
-STORIES = FIXTURES / "data" / "tinystories" / "valid-subset.txt"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(MODEL_DIR)
-
-
-def whole_text_ids(tok, text: str) -> torch.Tensor:
-    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-
-def stories_lines() -> list[str]:
-    return STORIES.read_text(encoding="utf-8").splitlines(keepends=True)
-
+from service.engine.text_data import read_texts, tokenize
+from tests.engine.texts import stories_lines, whole_text_ids
+from tests.fixture_paths import TINYSTORIES, WIKI_TEST
 
 # --- tokenize -------------------------------------------------------------------------------------------------
 
 
 def test_tokenize_is_whole_text_without_bos(tok):
-    text = STORIES.read_text(encoding="utf-8")
-    ids = tokenize(tok, read_texts(STORIES))
+    text = TINYSTORIES.read_text(encoding="utf-8")
+    ids = tokenize(tok, read_texts(TINYSTORIES))
     assert ids.dtype == torch.long and ids.dim() == 1
     assert torch.equal(ids, whole_text_ids(tok, text))
     assert ids[0].item() != tok.bos_token_id
 
 
-@pytest.mark.parametrize("source", [STORIES, WIKI_TEST], ids=["tinystories", "wikitext"])
+@pytest.mark.parametrize("source", [TINYSTORIES, WIKI_TEST], ids=["tinystories", "wikitext"])
 def test_tokenize_in_small_pieces_equals_whole_file(tok, source, monkeypatch, tmp_path):
     # The head of test.txt keeps the test fast; tinystories lines start without a space (the SentencePiece dummy
     # prefix would show at every cut), wikitext lines with one.
@@ -129,6 +113,3 @@ def test_dataset_dir_without_datasets_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
     with pytest.raises(ImportError, match="pip install datasets"):
         list(read_texts(tmp_path))
-
-
-# --- calibration_tokens -----------------------------------------------------------------------------------------

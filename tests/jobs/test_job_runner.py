@@ -19,13 +19,10 @@ from service.jobs.job_runner import run_job
 from service.jobs.job_store import JobStore
 from service.jobs.settings import Settings
 from service.jobs.storage import MANIFEST_NAME
-from tests.tiny_models import RECIPE_2OF4
 from tests.fixture_paths import FIXTURES, STORIES, WIKI_VALID
+from tests.jobs.bodies import SECRET, request
 
 LAYERS = 5  # stories260K's decoder blocks
-
-RECIPE_24 = RECIPE_2OF4
-SECRET = "whsec-do-not-leak-7f3a"
 
 
 def sha256(data: bytes) -> str:
@@ -39,14 +36,6 @@ def env(tmp_path):
     settings = Settings(artifacts_root=str(tmp_path / "artifacts"), hub_offline=True)
     yield store, settings, tmp_path / "work"
     store.close()
-
-
-def request(output: str = "runs/x", **overrides) -> dict:
-    body = {"model": str(STORIES), "recipe": RECIPE_24,
-            "dataset": {"source": str(WIKI_VALID), "num_samples": 16, "seq_len": 64, "seed": 0},
-            "output": output}
-    body.update(overrides)
-    return body
 
 
 def run(store, settings, workdir, body, **kwargs):
@@ -195,8 +184,6 @@ def test_a_job_runs_once_however_often_it_is_started(env):
     ({"dataset": {"source": str(WIKI_VALID), "num_samples": 10_000, "seq_len": 4096}}, "not enough text"),
     ({"output": "../escape"}, "output: '../escape' contains a '..' segment"),
 ])
-
-
 def test_bad_inputs_fail_the_job_with_a_clear_error(env, overrides, expected):
     store, settings, workdir = env
     job = run(store, settings, workdir, request(**{"output": "runs/bad", **overrides}))

@@ -8,18 +8,9 @@ import pytest
 from service.engine.options import Calibration, CompressionOptions, OptionsError
 from service.jobs.request import DATASET_FIELDS, EVAL_NAME, REQUEST_FIELDS, JobRequest
 from service.jobs.settings import Settings
-from tests.fixture_paths import FIXTURES, STORIES, WIKI_VALID
+from tests.fixture_paths import FIXTURES
+from tests.jobs.bodies import SECRET, request
 from tests.tiny_models import RECIPE_2OF4
-
-SECRET = "whsec-do-not-leak-7f3a"
-
-
-def request(output: str = "runs/x", **overrides) -> dict:
-    body = {"model": str(STORIES), "recipe": RECIPE_2OF4,
-            "dataset": {"source": str(WIKI_VALID), "num_samples": 16, "seq_len": 64, "seed": 0},
-            "output": output}
-    body.update(overrides)
-    return body
 
 
 def test_a_request_is_stored_with_its_defaults_filled_in():
@@ -50,8 +41,6 @@ def test_a_request_is_stored_with_its_defaults_filled_in():
     ({"webhook": {"url": "https://x/y", "secret": ""}}, "webhook.secret must be a non-empty string"),
     ({"evaluation": {}}, "unknown field(s) 'evaluation'"),
 ])
-
-
 def test_a_bad_request_is_refused_naming_the_field(overrides, message):
     with pytest.raises(ValueError) as info:
         JobRequest.parse(request(**overrides))

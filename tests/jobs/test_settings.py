@@ -83,8 +83,6 @@ def test_ray_address_and_hub_offline_sources(clean_env):
     "alice:ok,alice:justasecretvalue",
     "bad name:justasecretvalue",
 ])
-
-
 def test_malformed_api_keys_name_the_variable_not_the_secret(clean_env, value):
     clean_env.setenv("LLMPRESS_API_KEYS", value)
     with pytest.raises(ValidationError) as err:
@@ -98,8 +96,6 @@ def test_malformed_api_keys_name_the_variable_not_the_secret(clean_env, value):
     ("LLMPRESS_PORT", "70000"), ("LLMPRESS_PORT", "http"), ("LLMPRESS_MAX_REQUEST_BYTES", "0"),
     ("LLMPRESS_PUBLIC_URL", "ftp://x"), ("LLMPRESS_PUBLIC_URL", "llmpress.example.com"),
 ])
-
-
 def test_invalid_values(clean_env, name, value):
     clean_env.setenv(name, value)
     with pytest.raises(ValidationError, match=name.removeprefix("LLMPRESS_").lower()):

@@ -100,8 +100,6 @@ def test_parse_uri_accepts_the_documented_forms(tmp_path, monkeypatch):
     ("/", "filesystem root"),
     ("file:///", "filesystem root"),
 ])
-
-
 def test_parse_uri_rejects_escapes_and_other_forms_naming_the_field(uri, why, tmp_path):
     with pytest.raises(StorageError) as info:
         parse_uri(uri, field="dataset", local_root=tmp_path)

@@ -73,8 +73,6 @@ def test_current_index_setter():
         (100, None, None, None, True),
     ],
 )
-
-
 def test_should_update_by_step(step, start, end, update, expected):
     assert Event(global_step=step).should_update(start, end, update) is expected
 

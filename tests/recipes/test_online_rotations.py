@@ -12,43 +12,8 @@ from torch import nn
 from service.algorithms import rotations as rot
 from service.recipes import online_rotations as online
 
-F64 = torch.float64
-
-
-def orthonormal_error(m: torch.Tensor) -> float:
-    return float((m.T @ m - torch.eye(m.shape[0], dtype=m.dtype)).abs().max())
-
-
-class RMSNorm(nn.Module):
-    """Reference RMSNorm (Llama's definition), written out here."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
-
-
-# ------------------------------------------------------------------------------------------------ norms
-
-
-def grouped_attention_output(v, probs, num_kv):
-    """Slow reference: query head i mixes the values of KV head i // (num_heads / num_kv) with its own probs.
-    v [seq, num_kv * d], probs [num_heads, seq, seq] -> [seq, num_heads * d]."""
-    num_heads = probs.shape[0]
-    d = v.shape[1] // num_kv
-    heads = []
-    for i in range(num_heads):
-        kv = i // (num_heads // num_kv)
-        heads.append(probs[i] @ v[:, kv * d : (kv + 1) * d])
-    return torch.cat(heads, dim=1)
-
-
 @pytest.mark.parametrize("kind,size,block", [("hadamard", 64, 64), ("random-hadamard", 172, 172),
                                              ("random-matrix", 48, 16)])
-
-
 def test_r4_hook_rotates_input_and_fused_weight_cancels_it(kind, size, block):
     torch.manual_seed(0)
     down = nn.Linear(size, 16, bias=False)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import service.recipes.pruning_modifiers  # noqa: F401  (registers SparseGPTModifier for recipes)
 from service.recipes import quantization_modifiers as qm
+import service.recipes.pruning_modifiers  # noqa: F401  (registers SparseGPTModifier for recipes)
 from service.algorithms.quantization import (
     QuantArgs, dequantize, fake_quantize, quantization_params, quantize,
 )
@@ -74,8 +74,6 @@ def test_config_groups_first_match_wins_and_strategy_is_inferred():
         ({"scheme": "W4A16", "kv_cache_scheme": {"num_bits": 8}}, ["kv_cache_scheme"]),
     ],
 )
-
-
 def test_recipe_errors_name_the_field_and_allowed_values(body, words):
     with pytest.raises(RecipeError) as err:
         load_recipe([{"GPTQModifier": body}])

@@ -10,11 +10,11 @@ import torch
 import transformers as t
 
 from service.algorithms import rotations as rot
+from service.engine.perplexity import perplexity
+from service.engine.text_data import load_tokenizer, read_texts, tokenize
 from service.recipes import online_rotations as online
 from service.recipes import spinquant as sq
-from service.engine.perplexity import perplexity
 from service.recipes.recipe import RecipeError, load_recipe
-from service.engine.text_data import load_tokenizer, read_texts, tokenize
 from tests.fixture_paths import STORIES, WIKI_VALID
 from tests.fixture_paths import TINYSTORIES
 
@@ -246,8 +246,8 @@ def test_cayley_step_stays_orthogonal_and_descends():
 
 
 def test_learned_rotations_lower_quantized_loss_and_stay_exact(stories):
-    from service.engine.calibration_data import calibration_tokens
     from service.algorithms.quantization import QuantArgs
+    from service.engine.calibration_data import calibration_tokens
 
     dense, ids, _ = stories
     tok = load_tokenizer(STORIES)
@@ -404,8 +404,6 @@ def test_scales_are_fused_where_specified():
 @pytest.mark.parametrize("args", [{"num_bits": 4}, {"num_bits": 4, "symmetric": False},
                                   {"num_bits": 4, "strategy": "group", "group_size": 16},
                                   {"num_bits": 8, "strategy": "tensor"}])
-
-
 def test_fake_quantize_scale_grad_is_bit_identical_and_differentiates_the_scale(args):
     from service.algorithms.quantization import QuantArgs, fake_quantize, quantization_params
 
@@ -434,8 +432,8 @@ def test_fake_quantize_scale_grad_is_bit_identical_and_differentiates_the_scale(
 
 
 def test_learned_scales_lower_the_kl_and_stay_exact(stories):
-    from service.engine.calibration_data import calibration_tokens
     from service.algorithms.quantization import QuantArgs
+    from service.engine.calibration_data import calibration_tokens
 
     dense, ids, _ = stories
     tok = load_tokenizer(STORIES)
@@ -460,8 +458,8 @@ def test_learned_scales_lower_the_kl_and_stay_exact(stories):
 
 
 def test_r1_init_identity_starts_from_the_unrotated_model_and_learns_from_there(stories):
-    from service.engine.calibration_data import calibration_tokens
     from service.algorithms.quantization import QuantArgs
+    from service.engine.calibration_data import calibration_tokens
 
     dense, ids, _ = stories
     with pytest.raises(RecipeError, match="r1_init"):

@@ -14,9 +14,9 @@ import ray
 from service.jobs.job_store import JobStore
 from service.jobs.settings import Settings
 from service.jobs.storage import MANIFEST_NAME
-from workers.dispatch import TASK_PREFIX, RayDispatcher
-from tests.tiny_models import RECIPE_2OF4
 from tests.fixture_paths import FIXTURES, STORIES, WIKI_VALID
+from tests.tiny_models import RECIPE_2OF4
+from workers.dispatch import TASK_PREFIX, RayDispatcher
 
 RECIPE_24 = RECIPE_2OF4
 
