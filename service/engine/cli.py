@@ -26,22 +26,24 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 def add_option_flags(parser: argparse.ArgumentParser, options: type[BaseModel], names: Sequence[str], *,
                      defaults: bool = True) -> None:
     """A ``--kebab-case`` flag for each of the fields ``names`` of an options model: its description is the help,
-    a bool is a switch, a Literal gives the choices, an int is parsed as one, and the field's default is the flag's
-    (``defaults=False``: None, so the receiver's default applies). The flag's dest is the field's name, so
-    ``{name: getattr(args, name)}`` builds the options back."""
+    a bool is a switch, a Literal gives the choices, an int or float is parsed as one, and the field's default is
+    the flag's (``defaults=False``: None, so the receiver's default applies). The flag's dest is the field's name,
+    so ``{name: getattr(args, name)}`` builds the options back."""
     for name in names:
         field = options.model_fields[name]
         kinds = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
                  for a in (typing.get_args(field.annotation) or (field.annotation,)) if a is not type(None)]
         default = field.default if defaults else None
         flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action="store_true", help=field.description)
+        if field.annotation is bool:  # a switch; one that is on by default gets its --no-... form too
+            action = argparse.BooleanOptionalAction if field.default else "store_true"
+            parser.add_argument(flag, dest=name, action=action, default=field.default if defaults else None,
+                                help=field.description)
         elif typing.get_origin(field.annotation) is typing.Literal:
             parser.add_argument(flag, dest=name, choices=kinds, default=default, help=field.description)
         else:
-            parser.add_argument(flag, dest=name, type=int if int in kinds else str, default=default,
-                                help=field.description)
+            kind = next((k for k in (int, float) if k in kinds), str)
+            parser.add_argument(flag, dest=name, type=kind, default=default, help=field.description)
 
 
 def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict:

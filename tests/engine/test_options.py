@@ -96,12 +96,17 @@ def test_a_new_field_becomes_a_flag_with_its_type_choices_and_default():
         group_factor: int = Field(3, description="a new integer option")
         order: Literal["a", "b"] = Field("a", description="a new choice")
         verbose_solve: bool = Field(False, description="a new switch")
+        damp: float = Field(0.01, description="a new fraction")
+        fused: bool = Field(True, description="a switch that is on by default")
 
+    names = ("group_factor", "order", "verbose_solve", "damp", "fused")
     parser = argparse.ArgumentParser()
-    add_option_flags(parser, Extended, ("group_factor", "order", "verbose_solve"))
-    assert vars(parser.parse_args([])) == {"group_factor": 3, "order": "a", "verbose_solve": False}
-    assert vars(parser.parse_args(["--group-factor", "5", "--order", "b", "--verbose-solve"])) == \
-        {"group_factor": 5, "order": "b", "verbose_solve": True}
+    add_option_flags(parser, Extended, names)
+    assert vars(parser.parse_args([])) == {"group_factor": 3, "order": "a", "verbose_solve": False, "damp": 0.01,
+                                           "fused": True}
+    given = parser.parse_args(["--group-factor", "5", "--order", "b", "--verbose-solve", "--damp", "0.1", "--no-fused"])
+    assert vars(given) == {"group_factor": 5, "order": "b", "verbose_solve": True, "damp": 0.1, "fused": False}
+    assert Extended.parse({**BASE, **vars(given)}).damp == 0.1
     with pytest.raises(SystemExit):
         parser.parse_args(["--order", "c"])
     unset = argparse.ArgumentParser()
