@@ -34,7 +34,7 @@ def layer_of(module: str) -> int | None:
 def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
     """(line, dotted module) of every import in ``source`` (the text of ``module``), including ``from X import
     Y`` as ``X.Y`` (Y may be a module) and relative imports resolved against ``module``."""
-    package = module.rsplit(".", 1)[0] if not module.endswith("__init__") else module.rsplit(".", 1)[0]
+    package = module.rsplit(".", 1)[0]  # "service.recipes" for service.recipes.x and service.recipes.__init__
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):

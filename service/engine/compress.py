@@ -227,7 +227,8 @@ def compress_checkpoint(
             target = out.tmp if last else out.tmp / f".stage-{k}"
             part = ReportBuilder(progress, stage="compressing")
             changes = _stream_stage(source_dir, target, stage.modifiers, tokens, device, mode=options.pipeline,
-                                    trust_remote_code=trust, batch_size=calibration and calibration.batch_size,
+                                    trust_remote_code=trust,
+                                    batch_size=calibration.batch_size if calibration else None,
                                     report=part, on_shard=on_shard if last else None, quantized_format=last)
             config_changes.update(changes)
             if source_dir.parent == out.tmp and source_dir.name.startswith(".stage-"):

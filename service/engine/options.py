@@ -86,7 +86,7 @@ def _finite_positive(value: Any) -> Any:
 
 
 NonEmpty = Annotated[str, BeforeValidator(_nonempty)]
-PathLike = Annotated[str, BeforeValidator(_nonempty)]  # a local path or a URI, kept as the caller wrote it
+PathLike = NonEmpty  # a local path (a Path is taken too) or a URI, kept as a string as the caller wrote it
 NumSamples = Annotated[int, _integer(1, MAX_NUM_SAMPLES)]
 SeqLen = Annotated[int, _integer(2, MAX_SEQ_LEN)]
 Seed = Annotated[int, _integer(0, MAX_SEED)]
@@ -114,10 +114,17 @@ def _message(error: dict) -> tuple[str, tuple[str, ...]]:
     return f"{path}: {text}", loc
 
 
+def refuse_unknown(data: Mapping, allowed: tuple[str, ...]) -> None:
+    """A misspelt field must not be ignored: FieldError listing the unknown ones and the allowed ones."""
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise FieldError(f"unknown field(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(allowed)})")
+
+
 class Options(BaseModel):
     """Frozen, unknown fields refused with the allowed ones listed; ``parse`` names the field of a failure."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -126,10 +133,7 @@ class Options(BaseModel):
             return data
         if not isinstance(data, Mapping):
             raise FieldError(f"must be an object, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(cls.model_fields))
-        if unknown:
-            raise FieldError(f"unknown field(s) {', '.join(map(repr, unknown))} "
-                             f"(allowed: {', '.join(cls.model_fields)})")
+        refuse_unknown(data, tuple(cls.model_fields))
         return data
 
     @classmethod
@@ -172,8 +176,6 @@ class Evaluation(Options):
 
 class CompressionOptions(Options):
     """Everything ``compress_checkpoint`` is asked to do: a checkpoint in, a recipe, a directory out."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     model: PathLike = Field(description="model directory (or a Hub id, downloaded when online)")
     recipe: Any = Field(description="recipe: a YAML or JSON file, YAML text, modifiers or a parsed Recipe")

@@ -22,6 +22,7 @@ from pydantic import BeforeValidator, ValidationInfo, field_validator, model_val
 from service.engine.oneshot import needs_data
 from service.engine.options import (
     Calibration, CompressionOptions, EvalTokens, Evaluation, FieldError, NonEmpty, Options, PositiveRatio,
+    refuse_unknown,
 )
 from service.jobs.settings import Settings
 from service.jobs.storage import parse_uri
@@ -118,10 +119,7 @@ class JobRequest(Options):
     @classmethod
     def _job_dataset(cls, value: Any) -> Any:
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(DATASET_FIELDS))
-            if unknown:
-                raise FieldError(f"unknown field(s) {', '.join(map(repr, unknown))} "
-                                 f"(allowed: {', '.join(DATASET_FIELDS)})")
+            refuse_unknown(value, DATASET_FIELDS)
         return value
 
     @field_validator("dataset")
