@@ -22,7 +22,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # A Hub repository id: "name" or "owner/name", letters, digits, '-', '_', '.'.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class CheckpointError(ValueError):
@@ -37,7 +37,7 @@ def resolve_model_dir(model: str | Path, *, revision: str | None = None, allow_p
     if path.exists():
         raise CheckpointError(f"model: '{model}' is a file; give the model's directory (config.json and weights)")
     text = str(model)
-    if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
+    if text.startswith((".", "/", "~")) or not HUB_ID.match(text):
         raise CheckpointError(f"model: directory '{model}' does not exist")
     return _download_from_hub(text, revision=revision, allow_pickle=allow_pickle)
 

@@ -32,9 +32,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.engine.model_source import CheckpointError
+from service.engine.model_source import HUB_ID, CheckpointError
 from service.jobs.job_store import Job, JobStore
-from service.jobs.request import EVAL_NAME, HUB_ID, JobRequest
+from service.jobs.request import EVAL_NAME, JobRequest
 from service.jobs.settings import Settings
 from service.jobs.storage import Publisher, StorageError, fetch, parse_uri
 from service.jobs.webhook import notify

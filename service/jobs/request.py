@@ -11,7 +11,6 @@ API shows back (defaults filled in).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, ValidationInfo, field_validator, model_validator
 
+from service.engine.model_source import HUB_ID
 from service.engine.oneshot import needs_data
 from service.engine.options import (
     Calibration, CompressionOptions, EvalTokens, Evaluation, FieldError, NonEmpty, Options, PositiveRatio,
@@ -34,8 +34,6 @@ DATASET_FIELDS = ("source", "num_samples", "seq_len", "seed")
 MAX_SECRET_CHARS = 1024
 EVAL_NAME = "eval"
 
-# A Hugging Face Hub id: "name" or "owner/name" (as service.engine.model_source accepts).
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _settings(info: ValidationInfo) -> Settings | None:
