@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 
+from service.engine.options import SAMPLING
 from service.engine.text_data import read_texts, tokenize
-
-SAMPLING = ("head", "random")
 
 
 def calibration_tokens(

@@ -25,8 +25,8 @@ MAX_NUM_SAMPLES = 65_536
 MAX_SEQ_LEN = 131_072
 MAX_SEED = 2**63 - 1
 MAX_EVAL_TOKENS = 2**40
-PIPELINES = ("two_pass", "one_pass")
-SAMPLING = ("head", "random")
+PIPELINES = ("one_pass", "two_pass")  # the pipeline modes (service.engine.pipeline)
+SAMPLING = ("head", "random")  # how calibration windows are drawn (service.engine.calibration_data)
 
 
 class FieldError(ValueError):
@@ -160,7 +160,7 @@ class Calibration(Options):
                                     description=f"Calibration samples, 1 to {MAX_NUM_SAMPLES}.")
     seq_len: SeqLen = Field(DEFAULT_SEQ_LEN, description=f"Tokens per sample, 2 to {MAX_SEQ_LEN}.")
     seed: Seed = Field(0, description="Seed for drawing the samples, >= 0.")
-    sampling: Annotated[Literal["head", "random"], _choice(*SAMPLING)] = Field(
+    sampling: Annotated[Literal[SAMPLING], _choice(*SAMPLING)] = Field(
         "head", description="calibration windows from the start of the text, or drawn at random with --seed")
     batch_size: Annotated[int, _integer(1)] | None = Field(
         None, description="calibration samples per batch (default: ~4096 tokens)")
@@ -184,7 +184,7 @@ class CompressionOptions(Options):
     evals: tuple[Evaluation, ...] = Field((), description="texts to measure perplexity on, before and after")
     eval_seq_len: SeqLen = Field(512, description="tokens per evaluation window")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
-    pipeline: Annotated[Literal["two_pass", "one_pass"], _choice(*PIPELINES)] = Field(
+    pipeline: Annotated[Literal[PIPELINES], _choice(*PIPELINES)] = Field(
         "two_pass", description="two_pass: calibrate on the dense block (SparseGPT paper, llm-compressor); "
                                 "one_pass: true sequential, one forward per block")
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off by default)")

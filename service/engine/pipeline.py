@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from service.algorithms.hessian import HessianAccumulator, InputNormAccumulator
+from service.engine.options import PIPELINES
 from service.recipes.layerwise_modifier import memory_mb
 from service.recipes.targets import compressible_modules
 
 log = logging.getLogger(__name__)
 
-PIPELINES = ("one_pass", "two_pass")
 
 
 class PipelineError(RuntimeError):

@@ -36,7 +36,7 @@ BASE = {"model": "m", "recipe": "r.yaml", "output": "o"}
      ("evals", "0", "max_tokens")),
     ({"eval_seq_len": 1}, "eval_seq_len must be >= 2, got 1", ("eval_seq_len",)),
     ({"device": "gpu"}, "device must be auto or a torch device such as cpu, cuda or cuda:1, got 'gpu'", ("device",)),
-    ({"pipeline": "three_pass"}, "pipeline must be one of two_pass, one_pass, got 'three_pass'", ("pipeline",)),
+    ({"pipeline": "three_pass"}, "pipeline must be one of one_pass, two_pass, got 'three_pass'", ("pipeline",)),
     ({"num_samples": 4}, "unknown field(s) 'num_samples' (allowed: model, recipe, output, dataset", ()),
 ])
 def test_a_bad_option_is_refused_naming_the_field(changes, message, loc):
@@ -70,7 +70,7 @@ def test_the_compress_command_has_a_flag_for_every_option():
     structural = {"model", "recipe", "output", "dataset", "evals"}
     assert set(CompressionOptions.model_fields) == structural | set(OPTION_FLAGS)
     assert set(Calibration.model_fields) == {"source", *CALIBRATION_FLAGS}
-    assert flags["pipeline"].choices == ["two_pass", "one_pass"] and flags["sampling"].choices == ["head", "random"]
+    assert flags["pipeline"].choices == ["one_pass", "two_pass"] and flags["sampling"].choices == ["head", "random"]
 
 
 def test_a_command_line_becomes_the_options():
