@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,32 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file``, with a failed write raised as the OSError it is, naming ``path``.
+
+    safetensors reports a full disk as ``SafetensorError('... No space left on device (os error 28)')``, not an
+    OSError: a caller could not tell it from a bad tensor, nor say which file it was.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        match = _OS_ERROR.search(str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
 def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
@@ -47,12 +74,10 @@ class ShardWriter:
         self.total_bytes = 0
 
     def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         name = shard_name(index, self.num_shards)
         # safetensors refuses views and shared storage: give it one contiguous CPU copy per tensor.
         plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        save_file(plain, str(self.dir / name), metadata={"format": "pt"})
+        save_shard(plain, self.dir / name)
         for key, tensor in plain.items():
             self.weight_map[key] = name
             self.total_bytes += tensor.numel() * tensor.element_size()
@@ -61,12 +86,10 @@ class ShardWriter:
 
     def finish(self) -> None:
         """Write the index; shards that received no tensors are written empty so the numbering has no holes."""
-        from safetensors.torch import save_file
-
         for index in range(self.num_shards):
             path = self.dir / shard_name(index, self.num_shards)
             if not path.exists():
-                save_file({}, str(path), metadata={"format": "pt"})
+                save_shard({}, path)
                 if self.on_written is not None:
                     self.on_written(path, path.name)
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
@@ -75,7 +98,12 @@ class ShardWriter:
 
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    except OSError as exc:  # a full disk fails in write(), whose error names no file
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     os.replace(tmp, path)
 
 

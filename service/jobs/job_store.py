@@ -44,6 +44,7 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     create_engine,
+    delete,
     event,
     func,
     or_,
@@ -77,6 +78,10 @@ JOB_ID_LENGTH = 12  # 36**12 ~ 2**62 ids; lower-case and never starting with "-"
 MAX_PAGE = 500
 MAX_LABELS = 64
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# PostgreSQL advisory lock that serialises output claims ("llmp"): claims compare folders by prefix, which no
+# unique index can express, so two overlapping claims must not be checked at the same time.
+_CLAIM_LOCK = 0x6C6C6D70
+RELEASES_CLAIM = frozenset({"failed", "cancelled"})
 
 
 class JobStoreError(Exception):
@@ -92,6 +97,21 @@ class IdempotencyConflict(JobStoreError):
         super().__init__(
             f"idempotency key {idempotency_key!r} was already used for job {job_id} with a different request body"
         )
+
+
+class OutputClaimed(JobStoreError):
+    """The output location, or a folder inside or around it, belongs to another job (HTTP 409). The message names
+    neither that job's tenant nor where the folder lives on the server."""
+
+    def __init__(self, field: str = "output", *, own_job: str | None = None):
+        self.field = field
+        self.own_job = own_job
+        if own_job is not None:  # the caller's own job: naming it tells nothing about anyone else
+            why = (f"your job {own_job} publishes to this location (or a folder inside or around it); wait for "
+                   "it to end, or once it has succeeded send overwrite: true to replace its output")
+        else:
+            why = "another job publishes to this location (or a folder inside or around it); choose another output"
+        super().__init__(f"{field}: {why}")
 
 
 class InvalidTransition(JobStoreError, ValueError):
@@ -187,6 +207,24 @@ class JobEventRow(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSONType)
 
     __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+
+class OutputClaimRow(Base):
+    """An output folder and the one job that may publish there (see ``JobStore.create_job``).
+
+    ``location`` is ``service.jobs.storage.location_key``'s spelling (``s3://bucket/a/`` or ``file:///dir/``), so
+    equal folders have equal keys and a folder inside another has the other's key as a prefix. A claim is taken
+    with its job, in one transaction, and given up when the job fails or is cancelled; a succeeded job keeps it.
+    """
+
+    __tablename__ = "output_claims"
+
+    location: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # The succeeded job of the same tenant whose output this job replaces (``overwrite``), if any: only then may
+    # the job's publisher replace a manifest it finds there.
+    replaces: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class ApiKeyRow(Base):
@@ -343,6 +381,13 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created_at, job_id
 
 
+def _enclosing(location: str) -> list[str]:
+    """Every folder that holds ``location`` and the location itself: 's3://b/x/y/' -> ['s3://b/', 's3://b/x/',
+    's3://b/x/y/'] (the spelling of ``storage.location_key``)."""
+    start = location.index("://") + 3
+    return [location[:i + 1] for i in range(start, len(location)) if location[i] == "/"]
+
+
 def _deep_merge(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in delta.items():
@@ -438,12 +483,21 @@ class JobStore:
         request: Mapping[str, Any],
         labels: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        *,
+        output_location: str | None = None,
+        overwrite: bool = False,
     ) -> tuple[Job, bool]:
         """A new queued job, or with an ``idempotency_key`` this owner already used: the existing job.
 
         Returns ``(job, created)``. The same key with the same body (request and labels, compared by the sha256
         of their canonical JSON) returns the existing job with ``created=False``, whatever its status; the same
         key with another body raises :class:`IdempotencyConflict`. Keys are scoped to the owner.
+
+        ``output_location`` (``storage.location_key``) is claimed for the new job in the same transaction: when
+        another job's claim covers it, a folder inside it or a folder around it, :class:`OutputClaimed` is raised
+        and no job is created. ``overwrite`` takes over the claim of this owner's *succeeded* job on exactly this
+        location (its output is to be replaced); a claim of a job still in flight, or of another owner, is never
+        taken over.
         """
         _check_owner(owner)
         labels = _check_labels(labels)
@@ -472,12 +526,40 @@ class JobStore:
                     s.add(row)
                     s.flush()  # the job row before its first event (foreign key)
                     s.add(JobEventRow(job_id=row.id, created_at=now, type="status", data={"status": "queued"}))
+                    if output_location is not None:
+                        self._claim(s, owner, output_location, row.id, overwrite, now)
                     return _job(row), True
             except IntegrityError:
                 # PostgreSQL: a concurrent request inserted the same (owner, key) first; the next pass finds it.
                 # (Or, once in ~2**62, the random id collided.) SQLite never gets here: BEGIN IMMEDIATE serializes.
                 continue
         raise JobStoreError("could not create the job: repeated conflicting inserts")
+
+    def _claim(self, s: Session, owner: str, location: str, job_id: str, overwrite: bool, now: datetime) -> None:
+        if self.dialect == "postgresql":  # SQLite's BEGIN IMMEDIATE already serialises every writer
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK})
+        held = s.execute(
+            select(OutputClaimRow.location, JobRow.id, JobRow.owner, JobRow.status)
+            .join(JobRow, JobRow.id == OutputClaimRow.job_id)
+            .where(or_(OutputClaimRow.location.in_(_enclosing(location)),
+                       OutputClaimRow.location.startswith(location, autoescape=True)))
+        ).all()
+        replaces = None
+        for claimed, other, other_owner, status in held:
+            if overwrite and claimed == location and other_owner == owner and status == "succeeded":
+                s.execute(delete(OutputClaimRow).where(OutputClaimRow.location == claimed))
+                replaces = other
+                continue
+            raise OutputClaimed(own_job=other if other_owner == owner else None)
+        s.add(OutputClaimRow(location=location, job_id=job_id, replaces=replaces, created_at=now))
+
+    def output_claim(self, job_id: str) -> tuple[str, str | None] | None:
+        """``(location, replaces)`` of the output the job holds (``replaces``: the succeeded job whose output it
+        may overwrite), or None when it holds none."""
+        with self.session(write=False) as s:
+            row = s.execute(select(OutputClaimRow.location, OutputClaimRow.replaces)
+                            .where(OutputClaimRow.job_id == job_id)).first()
+            return (row[0], row[1]) if row is not None else None
 
     def get(self, job_id: str, owner: str | None = None, admin: bool = False) -> Job | None:
         """The job, or None if there is none or it belongs to another owner (unless ``admin``).
@@ -551,7 +633,8 @@ class JobStore:
         if to_status == "running":
             values["started_at"] = now
         elif to_status == "queued":
-            values.update(attempt=JobRow.attempt + 1, worker_ref=None, started_at=None)
+            # A new attempt starts from nothing: the lost one's progress and per-layer figures are not its own.
+            values.update(attempt=JobRow.attempt + 1, worker_ref=None, started_at=None, progress={}, metrics={})
         if to_status in TERMINAL:
             values["finished_at"] = now
         values.update({k: _json_roundtrip(v) if k != "error" else v for k, v in fields.items()})
@@ -571,6 +654,8 @@ class JobStore:
             if result.rowcount != 1:
                 return False
             s.add(JobEventRow(job_id=job_id, created_at=now, type="status", data=data))
+            if to_status in RELEASES_CLAIM:  # its output folder is free again, in the same transaction
+                s.execute(delete(OutputClaimRow).where(OutputClaimRow.job_id == job_id))
         return True
 
     def set_progress(
@@ -652,6 +737,7 @@ class JobStore:
             ).rowcount
             if cancelled:
                 s.add(JobEventRow(job_id=job_id, created_at=now, type="status", data={"status": "cancelled"}))
+                s.execute(delete(OutputClaimRow).where(OutputClaimRow.job_id == job_id))
             else:
                 requested = s.execute(
                     update(JobRow)

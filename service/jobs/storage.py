@@ -44,8 +44,14 @@ MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 _TMP_SUFFIX = ".llmpress-tmp"
 _COPY_CHUNK = 8 * 1024 * 1024
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
-# Lenient on purpose (Ceph and older MinIO accept upper case and '_'); it only has to keep URL syntax out.
-_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+# S3's naming rules for general purpose buckets (AWS, MinIO, R2 and Ceph all take these): 3-63 characters of
+# lower-case letters, digits, '.' and '-', starting and ending with a letter or digit. A name outside them fails
+# on real S3 only at the first request, so it is refused here, where the field can still be named.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET_IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+_BUCKET_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_BUCKET_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+BUCKET_RULES = "3-63 lower-case letters, digits, '.' and '-', starting and ending with a letter or digit"
 
 
 class StorageError(ValueError):
@@ -123,15 +129,24 @@ def _folder(prefix: str, field: str) -> str:
     return prefix.rstrip("/") + "/" if prefix else ""
 
 
+def _check_bucket(bucket: str, field: str) -> None:
+    shown = bucket if len(bucket) <= 70 else bucket[:63] + "..."
+    if not _BUCKET.match(bucket) or ".." in bucket or _BUCKET_IP.match(bucket) \
+            or bucket.startswith(_BUCKET_RESERVED_PREFIXES) or bucket.endswith(_BUCKET_RESERVED_SUFFIXES):
+        raise _bad(field, f"'{shown}' is not a valid S3 bucket name ({BUCKET_RULES}; not an IP address, no '..', "
+                          "no reserved prefix or suffix such as 'xn--' or '-s3alias')")
+
+
 def parse_uri(uri: str | Path, *, field: str = "output", local_root: Path | None = None,
-              confine: bool = False) -> tuple[str, str, str]:
+              confine: bool = False, folder: bool = False) -> tuple[str, str, str]:
     """Split a storage URI into ``(scheme, bucket_or_root, prefix)``, refusing anything that could escape.
 
     ``s3://bucket/a/b`` -> ``("s3", "bucket", "a/b")``. A local location -> ``("file", "/resolved/dir", "")``: the
     root is the directory itself. Accepted local forms: ``file:///abs/path``, an absolute path, or a relative path,
     resolved against ``local_root`` (default ``./artifacts``) and refused if it resolves outside it (through a
     symlink) or onto it (a job must not own the whole folder). ``confine=True`` holds absolute paths and file://
-    URIs to ``local_root`` as well: use it for locations that come from API callers. Refused everywhere: other
+    URIs to ``local_root`` as well: use it for locations that come from API callers. ``folder=True`` refuses a
+    bucket root (``s3://bucket``): a job's output is a folder, never a whole bucket. Refused everywhere: other
     schemes, an empty or malformed bucket, credentials in the URI, '..' segments, NUL and control characters,
     backslashes, empty segments in S3 keys, and the filesystem root. Messages start with ``field``.
     """
@@ -153,9 +168,11 @@ def parse_uri(uri: str | Path, *, field: str = "output", local_root: Path | None
                               "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE)")
         if not bucket:
             raise _bad(field, f"'{uri}' has an empty bucket name; use s3://bucket/prefix")
-        if not _BUCKET.match(bucket):
-            raise _bad(field, f"'{bucket}' is not a valid bucket name (letters, digits, '.', '-', '_')")
-        return "s3", bucket, _folder(key, field).rstrip("/")
+        _check_bucket(bucket, field)
+        prefix = _folder(key, field).rstrip("/")
+        if folder and not prefix:
+            raise _bad(field, f"'{uri}' is a whole bucket; name a folder inside it: s3://{bucket}/my-run")
+        return "s3", bucket, prefix
     if scheme == "file":
         if not rest.startswith("//"):
             raise _bad(field, f"'{uri}' is not of the form file:///absolute/path")
@@ -183,6 +200,19 @@ def _local_dir(path: str, field: str, local_root: Path | None, confine: bool) ->
     if target == root:
         raise _bad(field, f"'{path}' is the artifacts folder itself; give a subfolder such as 'my-run'")
     return target
+
+
+def location_key(uri: str | Path, *, field: str = "output", local_root: Path | None = None,
+                 confine: bool = False) -> str:
+    """One spelling per storage folder, ending in '/': ``s3://bucket/a/b/`` or ``file:///resolved/dir/``.
+
+    Two URIs name the same folder exactly when their keys are equal, and one folder lies inside another exactly
+    when its key starts with the other's: what the job store's output claims compare.
+    """
+    scheme, where, prefix = parse_uri(uri, field=field, local_root=local_root, confine=confine)
+    if scheme == "s3":
+        return f"s3://{where}/{prefix}/" if prefix else f"s3://{where}/"
+    return Path(where).as_uri().rstrip("/") + "/"
 
 
 def open_store(uri: str | Path, *, field: str = "output", local_root: Path | None = None,
@@ -232,6 +262,15 @@ class ObjectStore:
         """The object's bytes, or None when it does not exist."""
         raise NotImplementedError
 
+    def _put_new(self, key: str, data: bytes):
+        """Create ``key`` holding ``data`` only if no object is there (one atomic step on the server: a conditional
+        write); a token naming this very write, for :meth:`_delete_own`. StorageError when the key exists."""
+        raise NotImplementedError
+
+    def _delete_own(self, key: str, token) -> bool:
+        """Delete ``key`` only while it is still the object the write with ``token`` made; whether it was."""
+        raise NotImplementedError
+
     def _download(self, key: str, dest: Path) -> None:
         raise NotImplementedError
 
@@ -248,11 +287,13 @@ class ObjectStore:
     def write_manifest(self, prefix: str, entries, extra: dict | None = None) -> str:
         """Write ``prefix/manifest.json`` listing ``entries`` (paths relative to ``prefix``) and ``extra``; its key.
 
-        Call it after every file is stored: the manifest is the marker that the output is complete.
+        Call it after every file is stored: the manifest is the marker that the output is complete. It is created
+        only where none exists (StorageError otherwise), so two writers can never both publish one folder.
         """
-        return self._write_manifest(prefix, entries, extra).key
+        return self._write_manifest(prefix, entries, extra)[0].key
 
-    def _write_manifest(self, prefix: str, entries, extra: dict | None) -> Manifest:
+    def _write_manifest(self, prefix: str, entries, extra: dict | None) -> tuple[Manifest, object]:
+        """The manifest written, and the token of that write (see :meth:`_put_new`)."""
         folder = _folder(prefix, self.field)
         files = []
         for entry in entries:
@@ -267,9 +308,16 @@ class ObjectStore:
             "extra": extra or {},
         }
         key = folder + MANIFEST_NAME
-        self._put_bytes(key, (json.dumps(document, indent=2) + "\n").encode())
-        return Manifest(self.uri(folder), key, [FileEntry(folder + f["key"], f["size"], f["sha256"]) for f in files],
-                        document["extra"], document["created_at"])
+        token = self._put_new(key, (json.dumps(document, indent=2) + "\n").encode())
+        manifest = Manifest(self.uri(folder), key,
+                            [FileEntry(folder + f["key"], f["size"], f["sha256"]) for f in files],
+                            document["extra"], document["created_at"])
+        return manifest, token
+
+    def _taken(self, key: str) -> StorageError:
+        # No location in the message: a job's error is shown to its tenant, and the folder may be someone else's.
+        return _bad(self.field, f"the location already holds a published output ({key} appeared while this one "
+                                "was being written); choose another location")
 
     def read_manifest(self, prefix: str = "") -> Manifest:
         """The manifest under ``prefix``; StorageError when there is none (the output is incomplete or absent)."""
@@ -355,6 +403,11 @@ def _atomic_write(target: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        # A full disk fails in write() or fsync(), whose errors name no file: name the one being written.
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -447,6 +500,42 @@ class LocalStore(ObjectStore):
 
     def _put_bytes(self, key: str, data: bytes) -> None:
         _atomic_write(self._path(key, write=True), lambda f: f.write(data))
+
+    def _put_new(self, key: str, data: bytes) -> tuple:
+        # Written in full beside the target, then hard-linked into place: link() fails when the name exists, so
+        # the manifest appears complete and only if nobody else's is there. The token is the file's identity and
+        # its content's hash: a file deleted and written again may get the same inode number.
+        target = self._path(key, write=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+        try:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise self._taken(key) from None
+            return self._identity(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _identity(path: Path) -> tuple:
+        stat = path.stat()
+        return stat.st_dev, stat.st_ino, stat.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def _delete_own(self, key: str, token) -> bool:
+        path = self._path(key, write=True)
+        try:
+            if self._identity(path) != tuple(token):
+                return False
+        except FileNotFoundError:
+            return False
+        path.unlink(missing_ok=True)
+        self._prune({path.parent})
+        return True
 
     def _get_bytes(self, key: str) -> bytes | None:
         path = self._path(key)
@@ -688,6 +777,47 @@ class S3Store(ObjectStore):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
                                    ContentType="application/json")
 
+    def _put_new(self, key: str, data: bytes) -> str:
+        """PUT with ``If-None-Match: *`` (S3 since 2024, MinIO, R2, moto): the server refuses it with 412 when the
+        key exists, so the check and the write are one step. The token is the ETag the server gave this write."""
+        from botocore.exceptions import ClientError
+
+        with self._errors("writing", key):
+            try:
+                response = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                                  ContentType="application/json", IfNoneMatch="*")
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                # 409 ConditionalRequestConflict: a concurrent conditional write to the same key won.
+                if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                    raise self._taken(key) from None
+                raise
+        return response["ETag"]
+
+    def _delete_own(self, key: str, token) -> bool:
+        """DELETE with ``If-Match: <ETag of our write>``: a manifest somebody else wrote since is left alone."""
+        from botocore.exceptions import ClientError
+
+        with self._errors("deleting", key):
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=token)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "NoSuchKey", "404", "NotFound"):
+                    return False
+                if code != "NotImplemented":
+                    raise
+                # A store without conditional deletes: compare the ETag first (a small window, no better offer).
+                try:
+                    head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                except ClientError:
+                    return False
+                if head.get("ETag") != token:
+                    return False
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        return True
+
     def _get_bytes(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError
 
@@ -714,11 +844,16 @@ class Publisher:
     caller may move or delete its copy) and uploads it in a background thread while the caller goes on working;
     ``finish(local_dir)`` uploads what was not added yet, waits for every upload, then writes the manifest.
     ``abort()`` (also what leaving the ``with`` block on an exception does) stops, waits for the upload in flight
-    and deletes every key this publisher wrote or may have written, the manifest among them: a failed or cancelled
-    job leaves no manifest behind and, as far as deletes succeed, nothing else.
+    and deletes what this publisher wrote in this attempt and nothing else: the keys whose upload it started, and
+    the manifest only if it is still the one this publisher created. A failed or cancelled job leaves no manifest
+    of its own behind and, as far as deletes succeed, none of its files; it never deletes by name what another
+    writer put there.
 
     A location that already holds a manifest is refused up front unless ``overwrite`` (then the old manifest goes
-    first and the files it listed that the new output lacks go last).
+    first and the files it listed that the new output lacks go last). The manifest itself is created with a
+    conditional write, so a second writer that reached the same folder meanwhile fails instead of publishing a
+    manifest that does not match the files. (In the service, a folder is claimed by one job at submit time:
+    ``JobStore.create_job``; this is the store-level guard under that.)
     """
 
     def __init__(self, uri: str | Path, *, staging: str | Path, overwrite: bool = False, field: str = "output",
@@ -730,7 +865,8 @@ class Publisher:
         self._old = None
         if self.store.exists(MANIFEST_NAME):
             if not overwrite:
-                raise _bad(field, f"{self.store.uri()} already holds a published output ({MANIFEST_NAME}); choose "
+                # No location in the message: it reaches the job's tenant, and the folder may be another's.
+                raise _bad(field, f"the location already holds a published output ({MANIFEST_NAME}); choose "
                                   "another location or overwrite it explicitly")
             self._old = self.store.read_manifest("")
             # The old output stops being complete as soon as the first file is replaced: no manifest may vouch for it.
@@ -740,6 +876,8 @@ class Publisher:
         # One upload at a time: the point is to overlap uploading with compressing, not to saturate the link.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="llmpress-upload")
         self._uploads: dict[str, object] = {}  # key -> Future[FileEntry], in the order added
+        self._started: list[str] = []  # keys this publisher began to write: the only ones abort() may delete
+        self._manifest_token = None  # set once our manifest exists: abort() deletes it only while it is ours
         self._failed: BaseException | None = None
         self._done = False
 
@@ -772,6 +910,7 @@ class Publisher:
         try:
             if self._failed is not None:  # one upload failed: the publish is lost, send nothing more
                 raise self._failed
+            self._started.append(key)  # before the write: a failed upload may still have landed
             return self.store.upload_file(staged, key)
         except BaseException as exc:
             self._failed = self._failed or exc
@@ -790,7 +929,7 @@ class Publisher:
             if key not in self._uploads:
                 self.add(path, key)
         entries = sorted((future.result() for future in self._uploads.values()), key=lambda e: e.key)
-        manifest = self.store._write_manifest("", entries, extra)
+        manifest, self._manifest_token = self.store._write_manifest("", entries, extra)
         self._done = True
         if self._old is not None:
             stale = {f.key for f in self._old.files} - set(self._uploads)
@@ -804,14 +943,19 @@ class Publisher:
         return manifest
 
     def abort(self) -> None:
-        """Stop uploading and delete what this publisher wrote (every key it was given, and the manifest); also
-        after ``finish``, to take back an output whose job was ended elsewhere meanwhile."""
+        """Stop uploading and delete what this publisher wrote: the manifest if it is still ours, then every key
+        whose upload it started; also after ``finish``, to take back an output whose job was ended elsewhere."""
         for future in self._uploads.values():
             future.cancel()
         self._pool.shutdown(wait=True)
         try:
-            # Every key, not only those known to be done: an upload that failed on our side may have landed.
-            self.store.delete_keys([*self._uploads, MANIFEST_NAME])
+            # The manifest first: once it is gone nothing vouches for files about to disappear.
+            if self._manifest_token is not None:
+                self.store._delete_own(MANIFEST_NAME, self._manifest_token)
+                self._manifest_token = None
+            # Every key we began to write, not only those known to be done: a failed upload may have landed.
+            if self._started:
+                self.store.delete_keys(sorted(set(self._started)))
         except Exception as cleanup:  # noqa: BLE001 - the original error matters more; say the cleanup failed
             log.warning("publish to %s failed and its cleanup failed too: %s", self.store.uri(), cleanup)
         self._done = True

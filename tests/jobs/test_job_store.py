@@ -22,6 +22,7 @@ from service.jobs.job_store import (
     InvalidTransition,
     JobNotFound,
     JobStore,
+    OutputClaimed,
 )
 from service.jobs.settings import Settings
 from tests.postgres import create_database, missing_reason, postgres_server
@@ -439,3 +440,96 @@ def test_api_keys_from_environment(store):
     names = [(k.name, k.source, k.admin) for k in list_keys(store, settings)]
     assert names == [("alice", "environment", False), ("ops", "store", True), ("root", "environment", True)]
     assert "alice-secret" not in repr(ring.__dict__)
+
+
+# --- output claims ----------------------------------------------------------------------------------------------
+
+
+def claim(store: JobStore, owner: str, location: str, **kwargs):
+    return store.create_job(owner, REQUEST, output_location=location, **kwargs)[0]
+
+
+def test_an_output_folder_is_claimed_by_one_job_and_the_refusal_names_nobody(store):
+    first = claim(store, "alice", "s3://releases/run-1/")
+    for location in ("s3://releases/run-1/",  # the same folder
+                     "s3://releases/run-1/shards/",  # inside it: the second job's files would mix with the first's
+                     "s3://releases/"):  # around it: the same, the other way
+        with pytest.raises(OutputClaimed) as info:
+            claim(store, "bob", location)
+        message = str(info.value)
+        assert message.startswith("output: another job") and "alice" not in message and first.id not in message
+        assert "releases" not in message  # no location, not even the tenant's own spelling of it
+    assert [j.id for j in store.list(admin=True)[0]] == [first.id]  # no job was created by the refusals
+    # A folder whose name merely starts with the same characters is another folder; so is another bucket.
+    claim(store, "bob", "s3://releases/run-10/")
+    claim(store, "bob", "s3://releases-2/run-1/")
+    # LIKE wildcards in a location are characters, not patterns.
+    claim(store, "carol", "file:///srv/a_b/")
+    claim(store, "carol", "file:///srv/aXb/c/")
+    assert store.output_claim(first.id) == ("s3://releases/run-1/", None)
+
+
+def test_a_failed_or_cancelled_job_gives_its_folder_up_and_a_succeeded_one_keeps_it(store):
+    failed = claim(store, "alice", "s3://b/x/")
+    drive(store, failed.id, ["running", "failed"])
+    assert store.output_claim(failed.id) is None
+    cancelled = claim(store, "bob", "s3://b/x/")  # free again
+    store.request_cancel(cancelled.id, owner="bob")
+    running = claim(store, "carol", "s3://b/x/")
+    drive(store, running.id, ["running"])
+    store.request_cancel(running.id, owner="carol")
+    assert store.output_claim(running.id) is not None  # cancel requested: the worker still owns the folder
+    assert store.transition(running.id, ["running"], "cancelled")
+    requeued = claim(store, "dave", "s3://b/x/")
+    drive(store, requeued.id, ["running", "queued"])  # a lost worker: the job keeps its folder for attempt 2
+    assert store.output_claim(requeued.id) == ("s3://b/x/", None)
+    drive(store, requeued.id, ["running", "uploading", "succeeded"])
+    with pytest.raises(OutputClaimed):
+        claim(store, "erin", "s3://b/x/")
+
+
+def test_overwrite_takes_over_only_the_same_tenants_succeeded_output(store):
+    done = claim(store, "alice", "s3://b/model/")
+    with pytest.raises(OutputClaimed) as info:  # the tenant's own job may be named: it tells nobody else's
+        claim(store, "alice", "s3://b/model/")
+    assert done.id in str(info.value) and "overwrite" in str(info.value)
+    with pytest.raises(OutputClaimed):  # still queued: nothing to replace yet
+        claim(store, "alice", "s3://b/model/", overwrite=True)
+    drive(store, done.id, ["running", "uploading", "succeeded"])
+    with pytest.raises(OutputClaimed) as info:  # another tenant's, even with overwrite
+        claim(store, "bob", "s3://b/model/", overwrite=True)
+    assert done.id not in str(info.value)
+    with pytest.raises(OutputClaimed):  # only exactly that folder, not one inside it
+        claim(store, "alice", "s3://b/model/v2/", overwrite=True)
+    again = claim(store, "alice", "s3://b/model/", overwrite=True)
+    assert store.output_claim(again.id) == ("s3://b/model/", done.id)
+    assert store.output_claim(done.id) is None
+    with pytest.raises(OutputClaimed):  # the replacing job holds it now
+        claim(store, "alice", "s3://b/model/", overwrite=True)
+
+
+def test_concurrent_claims_of_one_folder_create_exactly_one_job(store):
+    owners = [f"tenant-{i}" for i in range(8)]
+    barrier = threading.Barrier(len(owners))
+
+    def attempt(owner):
+        barrier.wait()
+        try:
+            return claim(store, owner, "s3://b/race/" if owner[-1] in "0246" else "s3://b/race/inner/").id
+        except OutputClaimed:
+            return None
+
+    with ThreadPoolExecutor(len(owners)) as pool:
+        created = [job for job in pool.map(attempt, owners) if job is not None]
+    assert len(created) == 1
+    assert len(store.list(admin=True)[0]) == 1
+
+
+def test_a_new_attempt_starts_with_its_own_progress(store):
+    job = claim(store, "alice", "s3://b/p/")
+    drive(store, job.id, ["running"])
+    store.set_progress(job.id, {"stage": "compressing", "layer": 4, "layers": 5, "fraction": 0.8},
+                       {"layers": {"3": {"sparsity": 0.5}}})
+    assert store.transition(job.id, ["running"], "queued")
+    again = store.get(job.id)
+    assert again.attempt == 2 and again.progress == {} and again.metrics == {}

@@ -77,7 +77,18 @@ def test_parse_uri_accepts_the_documented_forms(tmp_path, monkeypatch):
     ("s3://", "empty bucket"),
     ("s3:///prefix", "empty bucket"),
     ("s3:bucket/x", "s3://bucket/prefix"),
-    ("s3://bad bucket/x", "not a valid bucket name"),
+    ("s3://bad bucket/x", "not a valid S3 bucket name"),
+    # S3's naming rules: a name real S3 refuses only at the first request is refused here, naming the field.
+    ("s3://Upper/x", "not a valid S3 bucket name"),
+    ("s3://under_score/x", "not a valid S3 bucket name"),
+    ("s3://ab/x", "not a valid S3 bucket name"),
+    (f"s3://{'b' * 64}/x", "not a valid S3 bucket name"),
+    ("s3://-dash/x", "not a valid S3 bucket name"),
+    ("s3://dash-/x", "not a valid S3 bucket name"),
+    ("s3://two..dots/x", "not a valid S3 bucket name"),
+    ("s3://192.168.0.1/x", "not a valid S3 bucket name"),
+    ("s3://xn--bucket/x", "not a valid S3 bucket name"),
+    ("s3://bucket-s3alias/x", "not a valid S3 bucket name"),
     ("s3://bucket/a/../b", "'..' segment"),
     ("s3://bucket/..", "'..' segment"),
     ("s3://bucket/a/./b", "'.' segment"),
@@ -242,9 +253,9 @@ def test_read_manifest_of_an_unfinished_output_is_a_clear_error(tmp_path):
 def test_s3_publish_round_trip_and_manifest_last(s3, bucket, tmp_path, monkeypatch):
     src = make_tree(tmp_path / "src")
     writes: list[str] = []
-    upload, put = S3Store.upload_file, S3Store._put_bytes
+    upload, put = S3Store.upload_file, S3Store._put_new
     monkeypatch.setattr(S3Store, "upload_file", lambda self, p, k: (writes.append(k), upload(self, p, k))[1])
-    monkeypatch.setattr(S3Store, "_put_bytes", lambda self, k, d: (writes.append(k), put(self, k, d))[1])
+    monkeypatch.setattr(S3Store, "_put_new", lambda self, k, d: (writes.append(k), put(self, k, d))[1])
 
     manifest = publish_directory(src, f"s3://{bucket}/jobs/7/", extra_manifest={"job": "7"})
     assert writes[-1] == MANIFEST_NAME and sorted(writes[:-1]) == sorted(TREE)
@@ -441,3 +452,82 @@ def test_fetch_reads_models_and_single_dataset_files_from_s3(s3, bucket, tmp_pat
     assert fetch(str(tmp_path / "model"), tmp_path / "unused") == tmp_path / "model"
     with pytest.raises(StorageError, match="does not exist"):
         fetch(str(tmp_path / "nope"), tmp_path / "unused")
+
+
+# ------------------------------------------------------------------------------ who may delete what, both stores
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "out")
+    name = request.getfixturevalue("bucket")
+    return f"s3://{name}/jobs/shared"
+
+
+def test_location_keys_name_one_folder_one_way(tmp_path):
+    assert storage.location_key("s3://b-1/a/b") == storage.location_key("S3://b-1/a/b/") == "s3://b-1/a/b/"
+    assert storage.location_key("runs/x", local_root=tmp_path) == (tmp_path / "runs" / "x").resolve().as_uri() + "/"
+    assert storage.location_key(f"file://{tmp_path}/runs/x/", local_root=tmp_path) == \
+        storage.location_key("runs/x", local_root=tmp_path)
+    with pytest.raises(StorageError, match="a whole bucket"):
+        parse_uri("s3://releases/", folder=True)
+
+
+def test_a_second_writer_cannot_publish_over_a_manifest_that_appeared_meanwhile(location, tmp_path):
+    # Both pass the up-front check (no manifest yet); the first to write its manifest wins, the second fails and
+    # takes back only what it wrote: the winner's manifest and files stay as they are.
+    first = Publisher(location, staging=tmp_path / "s1")
+    second = Publisher(location, staging=tmp_path / "s2")
+    mine = make_tree(tmp_path / "mine", {"a.safetensors": b"first", "config.json": b"{}"})
+    theirs = make_tree(tmp_path / "theirs", {"b.safetensors": b"second"})
+    with first:
+        published = first.finish(mine)
+    with pytest.raises(StorageError, match="already holds a published output") as info:
+        with second:
+            second.finish(theirs)
+    assert "jobs/shared" not in str(info.value) and str(tmp_path) not in str(info.value)  # no location shown
+    store = open_store(location)
+    assert store.read_manifest() == published
+    assert store.list() == ["a.safetensors", "config.json", MANIFEST_NAME]
+
+
+def test_abort_deletes_only_what_this_publisher_wrote(location, tmp_path):
+    store = open_store(location)
+    (tmp_path / "other.txt").write_bytes(b"someone else's")
+    store.upload_file(tmp_path / "other.txt", "notes/other.txt")  # not this publisher's: must survive
+    with Publisher(location, staging=tmp_path / "s") as publisher:
+        publisher.finish(make_tree(tmp_path / "src", {"w.safetensors": b"w", "config.json": b"{}"}))
+        # The job was ended elsewhere meanwhile: take the output back. The manifest goes (it is ours) ...
+        publisher.abort()
+    assert store.list() == ["notes/other.txt"]
+
+    # ... but a manifest somebody else wrote since ours is never touched.
+    with Publisher(location, staging=tmp_path / "s2") as publisher:
+        publisher.finish(make_tree(tmp_path / "src2", {"w.safetensors": b"w2"}))
+        store.delete_keys([MANIFEST_NAME])
+        store.write_manifest("", [], {"writer": "another"})
+        publisher.abort()
+    assert store.read_manifest().extra == {"writer": "another"}
+    assert store.list() == [MANIFEST_NAME, "notes/other.txt"]
+
+
+def test_a_failed_upload_leaves_files_it_never_started_alone(location, tmp_path, monkeypatch):
+    store = open_store(location)
+    for name in ("z-1.safetensors", "z-2.safetensors"):  # already there, by another writer
+        (tmp_path / name).write_bytes(b"keep")
+        store.upload_file(tmp_path / name, name)
+    real = type(store).upload_file
+
+    def failing(self, path, key):
+        if key == "a.safetensors":
+            raise StorageError("output: S3 error SlowDown while uploading")
+        return real(self, path, key)
+
+    monkeypatch.setattr(type(store), "upload_file", failing)
+    src = make_tree(tmp_path / "src", {"a.safetensors": b"a", "z-1.safetensors": b"new", "z-2.safetensors": b"new"})
+    with pytest.raises(StorageError, match="SlowDown"):
+        publish_directory(src, location)
+    # The publish stopped at its first failure: the names it never wrote are still the other writer's files.
+    assert store._get_bytes("z-1.safetensors") == b"keep" and store._get_bytes("z-2.safetensors") == b"keep"
+    assert not store.exists(MANIFEST_NAME)
