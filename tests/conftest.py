@@ -26,3 +26,45 @@ def s3():
         mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
         yield boto3.client("s3")
     server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stub_dns():
+    """No test makes a DNS query: the outbound policy's resolver (what webhook URLs resolve through) is swapped for
+    a table. IP literals resolve to themselves (AI_NUMERICHOST: parsed, never looked up); the names below answer
+    from the table, one answer per lookup, the last one repeating; any other name fails loudly, naming itself and
+    this table (as a gaierror, so the code under test answers as it would for a name that does not exist: a fuzz
+    run's random host names get their 422, never a DNS query).
+    Ray's worker processes do not see this swap: a job that runs on Ray names its webhook by IP literal.
+    Yields the table and the names looked up in vain, for tests that need a fresh answer sequence (monkeypatch
+    ``answers``)."""
+    import socket
+    import types
+
+    from service.jobs import outbound
+
+    public = "8.8.8.8"  # global, so the policy lets it through; only checked, never connected to
+    dns = types.SimpleNamespace(public=public, unknown=[], answers={
+        "localhost": [["127.0.0.1"]],
+        "hooks.internal.test": [["10.0.0.5"]],
+        "metadata.test": [["169.254.169.254"]],
+        "public.test": [[public]],
+        "mixed.test": [[public, "10.0.0.5"]],
+        "rebind.test": [[public], ["127.0.0.1"]],
+    })
+
+    def resolve(host: str) -> list[str]:
+        try:
+            return [info[4][0] for info in socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)]
+        except (socket.gaierror, UnicodeError):
+            pass
+        answers = dns.answers.get(host.lower().rstrip("."))
+        if answers is None:
+            dns.unknown.append(host)
+            raise socket.gaierror(socket.EAI_NONAME, f"tests never resolve names: {host!r} is not in "
+                                                     "tests/conftest.py's stub_dns table")
+        return list(answers.pop(0) if len(answers) > 1 else answers[0])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(outbound, "resolve_name", resolve)
+        yield dns

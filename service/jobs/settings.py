@@ -14,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.jobs.outbound import allow_entry
+
 ENV_PREFIX = "LLMPRESS_"
 # Key names become job owners and appear in URLs, logs and metrics labels: keep them plain.
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
@@ -109,6 +111,32 @@ class Settings(BaseSettings):
             "hands out; unset: http://{host}:{port}."
         ),
     )
+    webhook_allow_http: bool = Field(
+        False,
+        description=(
+            "Let webhooks use plain http:// (off: https:// only, so the signed body and any token in the URL travel "
+            "encrypted). Tests and closed networks turn it on."
+        ),
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description=(
+            "Let webhooks reach any address: loopback, private networks, link-local and cloud metadata included. "
+            "Off: only public addresses (and LLMPRESS_WEBHOOK_ALLOW) are called, so a job cannot make the server "
+            "POST to itself, the Ray dashboard or its cluster. Only for deployments whose every tenant is trusted."
+        ),
+    )
+    webhook_allow: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            'Comma-separated networks and host names webhooks may reach besides public addresses, e.g. '
+            '"10.20.0.0/16,127.0.0.1,hooks.corp.internal". A network (CIDR, or one address) allows every address '
+            "in it. A host name allows that name, and no other, to resolve to private-network addresses (10/8, "
+            "172.16/12, 192.168/16, fc00::/7), but never to loopback, link-local, 100.64/10, cloud metadata or "
+            "other special addresses: those need a network entry. Every address a name resolves to is checked, at "
+            "submit and again at each delivery, and the delivery connects to the checked address."
+        ),
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -136,6 +164,19 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_input_roots(cls, value):
         return tuple(_split_list(value)) if isinstance(value, str) else value
+
+    @field_validator("webhook_allow", mode="before")
+    @classmethod
+    def _parse_webhook_allow(cls, value):
+        entries = tuple(_split_list(value)) if isinstance(value, str) else value
+        if not isinstance(entries, (list, tuple)) or not all(isinstance(entry, str) for entry in entries):
+            return value  # pydantic's own type error
+        for position, entry in enumerate(entries, start=1):
+            try:
+                allow_entry(entry)  # refused at startup, not at the first webhook
+            except ValueError as exc:
+                raise ValueError(f"{ENV_PREFIX}WEBHOOK_ALLOW entry {position}: {exc}") from None
+        return tuple(entry.strip().lower() for entry in entries)
 
     @field_validator("admin_keys", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ def test_defaults():
     assert s.api_keys == {} and s.admin_keys == frozenset()
     assert (s.host, s.port, s.max_request_bytes) == ("127.0.0.1", 8000, 1024 * 1024)
     assert s.ray_address is None and s.hub_offline is False and s.public_url is None
+    assert (s.webhook_allow, s.webhook_allow_private, s.webhook_allow_http) == ((), False, False)
     assert s.base_url == "http://127.0.0.1:8000"
 
 
@@ -47,6 +48,8 @@ def test_environment(clean_env):
         "RAY_ADDRESS": "ray://head:10001",
         "LLMPRESS_HUB_OFFLINE": "true",
         "LLMPRESS_PUBLIC_URL": "https://llmpress.example.com/",
+        "LLMPRESS_WEBHOOK_ALLOW": " 10.20.0.0/16, Hooks.Corp.Internal ,127.0.0.1,",
+        "LLMPRESS_WEBHOOK_ALLOW_HTTP": "1",
     }
     for name, value in env.items():
         clean_env.setenv(name, value)
@@ -57,6 +60,7 @@ def test_environment(clean_env):
     assert (s.host, s.port, s.max_request_bytes) == ("0.0.0.0", 9000, 2048)
     assert s.ray_address == "ray://head:10001" and s.hub_offline
     assert s.public_url == s.base_url == "https://llmpress.example.com"
+    assert s.webhook_allow == ("10.20.0.0/16", "hooks.corp.internal", "127.0.0.1") and s.webhook_allow_http
     assert get_settings() is s  # cached
     clean_env.setenv("LLMPRESS_PORT", "9001")
     assert get_settings().port == 9000
@@ -95,6 +99,8 @@ def test_malformed_api_keys_name_the_variable_not_the_secret(clean_env, value):
 @pytest.mark.parametrize("name,value", [
     ("LLMPRESS_PORT", "70000"), ("LLMPRESS_PORT", "http"), ("LLMPRESS_MAX_REQUEST_BYTES", "0"),
     ("LLMPRESS_PUBLIC_URL", "ftp://x"), ("LLMPRESS_PUBLIC_URL", "llmpress.example.com"),
+    ("LLMPRESS_WEBHOOK_ALLOW", "10.0.0.1/8"), ("LLMPRESS_WEBHOOK_ALLOW", "hooks.corp,http://x/"),
+    ("LLMPRESS_WEBHOOK_ALLOW", "300.1.1.1"), ("LLMPRESS_WEBHOOK_ALLOW_PRIVATE", "maybe"),
 ])
 def test_invalid_values(clean_env, name, value):
     clean_env.setenv(name, value)
