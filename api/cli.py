@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     # One flag per calibration field of the HTTP contract, unset unless given (the server's defaults apply).
     service_cli.add_option_flags(j, DatasetSpec, DATASET_FLAGS, defaults=False)
     j.add_argument("--output", required=True, help="s3://bucket/prefix/ or a folder under the server's artifacts")
+    j.add_argument("--overwrite", action="store_true",
+                   help="replace the output of your own succeeded job at exactly this location")
     j.add_argument("--eval", help="evaluation text for the quality gate")
     j.add_argument("--max-ppl-ratio", type=float, help="fail the job when compressed/dense perplexity exceeds this")
     j.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label the job (repeatable)")
@@ -234,7 +236,8 @@ def _submit(args) -> int:
             raise SystemExit("llmpress submit: error: --webhook-url needs --webhook-secret or LLMPRESS_WEBHOOK_SECRET")
         webhook = {"url": args.webhook_url, "secret": secret}
     job = client.submit(model=args.model, recipe=_read_recipe(args.recipe), output=args.output, dataset=dataset,
-                        eval=gate, labels=labels or None, webhook=webhook, idempotency_key=args.idempotency_key)
+                        eval=gate, labels=labels or None, webhook=webhook, idempotency_key=args.idempotency_key,
+                        overwrite=args.overwrite)
     print(job.id, flush=True)
     if not args.wait:
         return 0

@@ -77,10 +77,11 @@ class Client:
 
     def submit(self, model: str, recipe: str | list[dict], output: str, dataset: dict | None = None,
                eval: dict | None = None, labels: dict[str, str] | None = None, webhook: dict | None = None,
-               idempotency_key: str | None = None) -> Job:
-        """Create a job (POST /v1/jobs); the same ``idempotency_key`` and arguments return the same job."""
+               idempotency_key: str | None = None, overwrite: bool = False) -> Job:
+        """Create a job (POST /v1/jobs); the same ``idempotency_key`` and arguments return the same job.
+        ``overwrite`` replaces the output of your own succeeded job at exactly ``output`` (else that is a 409)."""
         body = {"model": model, "recipe": recipe, "output": output, "dataset": dataset, "eval": eval,
-                "labels": labels, "webhook": webhook}
+                "labels": labels, "webhook": webhook, "overwrite": True if overwrite else None}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return Job.model_validate(self._call("POST", "/v1/jobs", {k: v for k, v in body.items() if v is not None},
                                              headers))

@@ -2,18 +2,22 @@
 
 One job, followed forward::
 
+    (accepted: the API checked the request and the job store claimed its output folder for it)
     queued -> running      (compare-and-set: only one worker ever gets past this line)
-      validate the request, refuse a location that is already published, fetch S3 inputs into the work folder
+      validate the request again, refuse a location that already holds a manifest (unless this job took over its
+      tenant's own succeeded output with overwrite), fetch S3 inputs into the work folder
       compress_checkpoint into <workdir>/<job id>/output, progress and metrics to the store after every layer,
       stopping between layers when a cancel was requested; each weight shard is uploaded (in the background)
       as soon as it is written
       quality gate (eval.max_ppl_ratio)
     running -> uploading -> the other files, then the manifest (last) -> succeeded
-    any error -> failed (a message a person can act on); a cancel -> cancelled
+    any error -> failed (a message a person can act on: a full or read-only disk names the file and the place);
+    a cancel -> cancelled; either gives the output folder up
     the work folder is removed; the webhook, if any, is told about the terminal state
 
-The manifest is written last, and the job's Publisher deletes what it uploaded when anything fails or the job is
-cancelled, so a failed or cancelled job never leaves a manifest behind (nor, as far as deletes succeed, shards).
+The manifest is written last (a conditional create), and the job's Publisher deletes what it wrote itself when
+anything fails or the job is cancelled, so a failed or cancelled job never leaves a manifest behind (nor, as far as
+deletes succeed, shards) and never deletes what another writer put there.
 Every store write after the job is taken names the attempt it was taken as (a fencing token), so a worker that was
 presumed lost changes nothing once the job was re-queued. This module knows nothing of Ray or HTTP: ``workers/``
 calls :func:`run_job`; the request's checks are ``service.jobs.request`` (the API's 422s), the webhook's
@@ -22,6 +26,7 @@ calls :func:`run_job`; the request's checks are ``service.jobs.request`` (the AP
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -34,9 +39,10 @@ from typing import Any
 
 from service.engine.model_source import HUB_ID, CheckpointError
 from service.jobs.job_store import Job, JobStore
-from service.jobs.request import EVAL_NAME, JobRequest
+from service.jobs.request import EVAL_NAME, JobRequest, local_input
+from service.jobs.request import input_roots as request_input_roots
 from service.jobs.settings import Settings
-from service.jobs.storage import Publisher, StorageError, fetch, parse_uri
+from service.jobs.storage import Publisher, fetch
 from service.jobs.webhook import notify
 
 log = logging.getLogger(__name__)
@@ -59,27 +65,11 @@ class QualityGateFailed(ValueError):
 # ------------------------------------------------------------------------------------------------- inputs
 
 
-def _input_roots(settings: Settings, extra: Sequence[str | Path]) -> list[Path]:
-    return [Path(settings.artifacts_root), *map(Path, settings.input_roots), *map(Path, extra)]
-
-
 def _fetch_input(uri: str, dest: Path, field: str, roots: list[Path]) -> Path:
     """A local path for an input: S3 downloaded into ``dest``, a local path only inside one of ``roots``."""
     if uri.lower().startswith("s3:"):
         return fetch(uri, dest, field=field)
-    inside, errors = [], []
-    for root in roots:
-        try:
-            inside.append((root, Path(parse_uri(uri, field=field, local_root=root, confine=True)[1])))
-        except StorageError as exc:
-            errors.append(exc)
-    if not inside:
-        if len(roots) > 1 and all("outside" in str(e) for e in errors):
-            raise StorageError(f"{field}: '{uri}' is outside the folders jobs may read "
-                               f"({', '.join(str(r.resolve()) for r in roots)})")
-        raise errors[0]
-    # A relative path is looked up under each root in turn; otherwise the "does not exist" of the first.
-    root = next((root for root, path in inside if path.exists()), inside[0][0])
+    root, _ = local_input(uri, field, roots)
     return fetch(uri, dest, field=field, local_root=root, confine=True)
 
 
@@ -161,7 +151,54 @@ def _progress_callback(store: JobStore, job_id: str, attempt: int):
 # ------------------------------------------------------------------------------------------------------- a job
 
 
-def _error_message(exc: BaseException, job_id: str) -> str:
+# What a person can do about an OS error, by errno; the others are reported as internal errors.
+_OS_REMEDIES = {
+    errno.ENOSPC: "free space there or choose another {place}",
+    errno.EDQUOT: "the disk quota is used up: raise it or choose another {place}",
+    errno.EROFS: "the file system is mounted read-only: choose another {place}",
+    errno.EACCES: "the service may not write there: fix the folder's permissions or choose another {place}",
+    errno.EPERM: "the service may not write there: fix the folder's permissions or choose another {place}",
+    errno.EFBIG: "the file is larger than the file system allows: choose another {place}",
+}
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _free_space(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def _os_error_message(exc: OSError, folder: Path, output: str | None) -> str | None:
+    """``no space left on device while writing model-00003-of-00006.safetensors to runs/x (12.0 MiB free there):
+    free space there or choose another output; nothing was published``. None for an OS error a person cannot act
+    on, or one that names no file (left to the internal-error message)."""
+    remedy = _OS_REMEDIES.get(exc.errno)
+    if remedy is None or not exc.filename:
+        return None
+    path = Path(os.fsdecode(exc.filename))
+    if path.is_relative_to(folder):
+        # The worker's scratch space, where shards are written before upload: the operator's to fix.
+        where, place = f"the worker's work folder {folder.parent}", "work folder (the workers' TMPDIR)"
+    else:
+        where, place = output or path.parent.as_uri(), "output"
+    free = _free_space(path.parent) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    left = f" ({_size(free)} free there)" if free is not None else ""
+    reason = (exc.strerror or os.strerror(exc.errno)).lower()
+    return f"{reason} while writing {path.name} to {where}{left}: {remedy.format(place=place)}; nothing was published"
+
+
+def _error_message(exc: BaseException, job_id: str, folder: Path, output: str | None) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
+        message = _os_error_message(exc, folder, output)
+        if message is not None:
+            return message
     if isinstance(exc, (ValueError, FileExistsError)):  # ours: StorageError, CheckpointError, RecipeError, ...
         return str(exc) or type(exc).__name__
     return (f"internal error while running the job ({type(exc).__name__}); the worker log has the details "
@@ -195,14 +232,20 @@ def _manifest_extra(job_id: str, report: dict) -> dict:
 def _execute(store: JobStore, job: Job, settings: Settings, folder: Path, input_roots: list[Path]) -> bool:
     """Everything between running and succeeded; raises on any failure or on a cancel. False when the job was
     ended elsewhere during the upload (its output is then removed again)."""
-    request = JobRequest.parse(job.request, settings)
+    # The webhook is checked again where it is used (notify, before each delivery): a DNS hiccup now must not
+    # fail a job whose webhook was accepted at submit.
+    request = JobRequest.parse({k: v for k, v in job.request.items() if k != "webhook"}, settings)
     on_progress = _progress_callback(store, job.id, job.attempt)
     on_progress({"stage": "fetching", "fraction": 0.0})
 
     # Opening the publisher refuses a taken or unreachable output location now, not after the compression.
     # Each weight shard is uploaded as soon as it is written, while the next layer is compressed; leaving the
     # `with` on any error or cancel deletes what was uploaded. The manifest goes last, in finish().
-    with Publisher(request.output, staging=folder / "staging", field="output",
+    # Only a job that took over its tenant's own succeeded output (overwrite, checked when the job was accepted)
+    # may replace a manifest it finds there.
+    claim = store.output_claim(job.id)
+    overwrite = bool(request.overwrite and claim is not None and claim[1] is not None)
+    with Publisher(request.output, staging=folder / "staging", field="output", overwrite=overwrite,
                    local_root=Path(settings.artifacts_root), confine=True) as publisher:
         return _compress_and_publish(store, job, request, publisher, folder, input_roots, on_progress, settings)
 
@@ -285,7 +328,10 @@ def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path |
     job = store.get(job_id)
     ended = None
     try:
-        if _execute(store, job, settings, folder, _input_roots(settings, input_roots)):
+        if input_roots:  # the request is checked again against the roots this worker may read
+            settings = settings.model_copy(
+                update={"input_roots": (*settings.input_roots, *(str(root) for root in input_roots))})
+        if _execute(store, job, settings, folder, request_input_roots(settings)):
             ended = "succeeded"
     except JobCancelled as exc:
         log.info("job %s stopped: %s", job_id, exc)
@@ -296,7 +342,8 @@ def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path |
             log.info("job %s failed: %s", job_id, exc)
         else:
             log.exception("job %s failed with an unexpected error", job_id)
-        fields = {"error": _error_message(exc, job_id)}
+        output = (job.request or {}).get("output")
+        fields = {"error": _error_message(exc, job_id, folder, output if isinstance(output, str) else None)}
         if isinstance(exc, QualityGateFailed):
             fields["report"] = exc.report
         if store.transition(job_id, ["running", "uploading"], "failed", attempt=job.attempt, **fields):
@@ -310,7 +357,7 @@ def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path |
     job = store.get(job_id)
     log.info("job %s %s after %.1f s", job_id, job.status, time.perf_counter() - started)
     if ended is not None:
-        notify(job)
+        notify(job, settings)
     return job
 
 

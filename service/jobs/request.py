@@ -11,10 +11,9 @@ API shows back (defaults filled in).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, ValidationInfo, field_validator, model_validator
 
@@ -24,8 +23,9 @@ from service.engine.options import (
     Calibration, CompressionOptions, EvalTokens, Evaluation, FieldError, NonEmpty, Options, PositiveRatio,
     refuse_unknown,
 )
+from service.jobs.outbound import Policy, Refused, check_url
 from service.jobs.settings import Settings
-from service.jobs.storage import parse_uri
+from service.jobs.storage import StorageError, location_key, parse_uri
 from service.recipes.recipe import RecipeError, load_recipe, recipe_summary
 
 # The calibration fields a job sets (the HTTP contract's DatasetSpec); sampling and batch size stay the engine's
@@ -40,11 +40,47 @@ def _settings(info: ValidationInfo) -> Settings | None:
     return info.context if isinstance(info.context, Settings) else None
 
 
-def _location(value: str, field: str, info: ValidationInfo, *, confine: bool) -> str:
+def _location(value: str, field: str, info: ValidationInfo, *, confine: bool, folder: bool = False) -> str:
     """Refuse a location that could escape (StorageError names the field); local ones under the artifacts
     folder of ``settings`` (default ``./artifacts``)."""
     settings = _settings(info)
-    parse_uri(value, field=field, local_root=Path(settings.artifacts_root) if settings else None, confine=confine)
+    parse_uri(value, field=field, local_root=Path(settings.artifacts_root) if settings else None, confine=confine,
+              folder=folder)
+    return value
+
+
+def input_roots(settings: Settings, extra: Sequence[str | Path] = ()) -> list[Path]:
+    """The folders a job may read local inputs from: the artifacts folder, LLMPRESS_INPUT_ROOTS, then ``extra``."""
+    return [Path(settings.artifacts_root), *map(Path, settings.input_roots), *map(Path, extra)]
+
+
+def local_input(uri: str, field: str, roots: Sequence[Path]) -> tuple[Path, Path]:
+    """``(root, path)`` for a local input inside one of ``roots``: a relative path is looked up under each root
+    in turn (the first where it exists, else the first it fits); StorageError naming the field otherwise."""
+    inside, errors = [], []
+    for root in roots:
+        try:
+            inside.append((root, Path(parse_uri(uri, field=field, local_root=root, confine=True)[1])))
+        except StorageError as exc:
+            errors.append(exc)
+    if not inside:
+        if len(roots) > 1 and all("outside" in str(e) for e in errors):
+            raise StorageError(f"{field}: '{uri}' is outside the folders jobs may read "
+                               f"({', '.join(str(r.resolve()) for r in roots)}); upload it there or to S3")
+        raise errors[0]
+    return next(((root, path) for root, path in inside if path.exists()), inside[0])
+
+
+def _input(value: str, field: str, info: ValidationInfo) -> str:
+    """An input location: S3 as it is; a local one only inside the folders jobs may read, when settings say which
+    (the worker would refuse it later, after the job was accepted: refuse it now, naming the field)."""
+    settings = _settings(info)
+    try:
+        if settings is None or value.lower().startswith("s3:"):
+            return _location(value, field, info, confine=False)
+        local_input(value, field, input_roots(settings))
+    except StorageError as exc:  # with the field it names, also when checked from the enclosing object
+        raise FieldError(str(exc), field=field) from None
     return value
 
 
@@ -64,7 +100,7 @@ class QualityGate(Options):
     @field_validator("source")
     @classmethod
     def _readable(cls, value: str, info: ValidationInfo) -> str:
-        return _location(value, "eval.source", info, confine=False)
+        return _input(value, "eval.source", info)
 
 
 class Webhook(Options):
@@ -73,10 +109,13 @@ class Webhook(Options):
 
     @field_validator("url")
     @classmethod
-    def _http(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FieldError("must be an http:// or https:// URL")
+    def _allowed(cls, value: str, info: ValidationInfo) -> str:
+        """A URL the outbound policy of ``settings`` lets the server call (defaults: https, public addresses only);
+        ``webhook.notify`` checks it again before each delivery, since DNS answers can change."""
+        try:
+            check_url(value, Policy.from_settings(_settings(info)))
+        except Refused as exc:
+            raise FieldError(str(exc)) from None
         return value
 
 
@@ -90,12 +129,19 @@ class JobRequest(Options):
     eval: QualityGate | None = None
     webhook: Webhook | None = None
     labels: dict[str, str] | None = None
+    overwrite: bool = False
 
     @field_validator("model")
     @classmethod
     def _model(cls, value: str, info: ValidationInfo) -> str:
         if value.lower().startswith(("s3:", "file:")) or not HUB_ID.match(value):
-            _location(value, "model", info, confine=False)
+            return _input(value, "model", info)
+        settings = _settings(info)
+        if settings is not None and not os.path.isabs(value) and value.count("/") <= 1:
+            # A Hub id, unless a folder of that name lies under an input root (the worker's order): check that one.
+            roots = [root for root in input_roots(settings) if (root / value).exists()]
+            if roots:
+                local_input(value, "model", roots)
         return value
 
     @field_validator("recipe", mode="before")
@@ -124,13 +170,13 @@ class JobRequest(Options):
     @classmethod
     def _dataset_source(cls, value: Calibration | None, info: ValidationInfo) -> Calibration | None:
         if value is not None:
-            _location(value.source, "dataset.source", info, confine=False)
+            _input(value.source, "dataset.source", info)
         return value
 
     @field_validator("output")
     @classmethod
     def _output(cls, value: str, info: ValidationInfo) -> str:
-        return _location(value, "output", info, confine=True)
+        return _location(value, "output", info, confine=True, folder=True)
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -160,9 +206,13 @@ class JobRequest(Options):
         inputs exist is the worker's to find out."""
         return super().parse(data, context=settings)
 
+    def output_location(self, settings: Settings) -> str:
+        """The output folder as the job store's claims spell it (``storage.location_key``)."""
+        return location_key(self.output, field="output", local_root=Path(settings.artifacts_root), confine=True)
+
     def to_dict(self) -> dict:
         """The request as the job store keeps it and the API shows it: defaults filled in, absent fields left out."""
-        out = self.model_dump(exclude_none=True, exclude={"dataset"})
+        out = self.model_dump(exclude_none=True, exclude={"dataset"} | ({"overwrite"} if not self.overwrite else set()))
         out["recipe"] = self.recipe  # as sent (text, or modifier objects)
         if self.dataset is not None:
             out["dataset"] = self.dataset.model_dump(include=set(DATASET_FIELDS))

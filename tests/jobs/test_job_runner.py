@@ -328,8 +328,14 @@ def receiver():
     server.server_close()
 
 
+def loopback_hooks(settings: Settings) -> Settings:
+    """``settings`` letting webhooks reach the test's receiver on 127.0.0.1 over http (refused by default)."""
+    return settings.model_copy(update={"webhook_allow": ("127.0.0.1",), "webhook_allow_http": True})
+
+
 def test_webhook_is_signed_and_never_carries_the_secret(env, receiver, caplog):
     store, settings, workdir = env
+    settings = loopback_hooks(settings)
     url, received = receiver
     caplog.set_level("DEBUG")
     ok = run(store, settings, workdir, request("runs/hooked", webhook={"url": url, "secret": SECRET}))
@@ -351,6 +357,7 @@ def test_webhook_is_signed_and_never_carries_the_secret(env, receiver, caplog):
 
 def test_webhook_failures_are_retried_then_only_logged(env, monkeypatch, caplog):
     store, settings, workdir = env
+    settings = loopback_hooks(settings)
     monkeypatch.setattr(webhook, "WEBHOOK_BACKOFF_S", 0.01)
     closed = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     port = closed.server_address[1]
@@ -360,3 +367,64 @@ def test_webhook_failures_are_retried_then_only_logged(env, monkeypatch, caplog)
     assert job.status == "succeeded" and job.error is None
     assert caplog.text.count("webhook") >= 3 and "attempt 3/3" in caplog.text
     assert SECRET not in caplog.text
+
+
+# ------------------------------------------------------------------------------------- owned outputs, OS errors
+
+
+def submit(store, settings, owner, body):
+    """As the API does it: the request checked, the job created with its output claimed."""
+    from service.jobs.request import JobRequest
+
+    parsed = JobRequest.parse(body, settings.model_copy(update={"input_roots": (str(FIXTURES),)}))
+    job, _ = store.create_job(owner, parsed.to_dict(), output_location=parsed.output_location(settings),
+                              overwrite=parsed.overwrite)
+    return job
+
+
+def test_overwrite_replaces_the_tenants_own_output_and_nothing_else(env):
+    store, settings, workdir = env
+    first = submit(store, settings, "alice", request("runs/model"))
+    assert run_job(store, first.id, settings, workdir=workdir, input_roots=[FIXTURES]).status == "succeeded"
+    folder = Path(settings.artifacts_root) / "runs" / "model"
+    assert json.loads((folder / MANIFEST_NAME).read_text())["extra"]["job_id"] == first.id
+
+    second = submit(store, settings, "alice", request("runs/model", overwrite=True))
+    done = run_job(store, second.id, settings, workdir=workdir, input_roots=[FIXTURES])
+    assert done.status == "succeeded", done.error
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    assert manifest["extra"]["job_id"] == second.id
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST_NAME}
+    assert on_disk == {f["key"] for f in manifest["files"]}
+
+    # overwrite without a claim taken over (here: a manifest nobody's claim covers) replaces nothing.
+    (Path(settings.artifacts_root) / "runs" / "legacy").mkdir(parents=True)
+    (Path(settings.artifacts_root) / "runs" / "legacy" / MANIFEST_NAME).write_text('{"files": []}')
+    legacy = submit(store, settings, "bob", request("runs/legacy", overwrite=True))
+    failed = run_job(store, legacy.id, settings, workdir=workdir, input_roots=[FIXTURES])
+    assert failed.status == "failed" and "already holds a published output" in failed.error
+    assert (Path(settings.artifacts_root) / "runs" / "legacy" / MANIFEST_NAME).read_text() == '{"files": []}'
+    assert settings.artifacts_root not in failed.error  # no server path in what the tenant reads
+
+
+def test_a_full_disk_is_a_message_a_person_can_act_on(env, tmp_path):
+    import subprocess
+
+    store, settings, workdir = env
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+    try:
+        settings = settings.model_copy(update={"artifacts_root": str(small)})
+        job = submit(store, settings, "alice", request("runs/full"))
+        done = run_job(store, job.id, settings, workdir=workdir, input_roots=[FIXTURES])
+        assert done.status == "failed"
+        assert done.error.startswith("no space left on device while writing "), done.error
+        assert ".safetensors to runs/full (" in done.error and "choose another output" in done.error
+        assert "nothing was published" in done.error and "internal error" not in done.error
+        assert store.output_claim(job.id) is None  # the folder is free again
+        assert [p.name for p in small.rglob("*") if p.is_file()] == []  # nothing half-published
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -8,7 +8,7 @@ import pytest
 from service.engine.options import Calibration, CompressionOptions, OptionsError
 from service.jobs.request import DATASET_FIELDS, EVAL_NAME, REQUEST_FIELDS, JobRequest
 from service.jobs.settings import Settings
-from tests.fixture_paths import FIXTURES
+from tests.fixture_paths import FIXTURES, STORIES, WIKI_VALID
 from tests.jobs.bodies import SECRET, request
 from tests.tiny_models import RECIPE_2OF4
 
@@ -38,7 +38,8 @@ def test_a_request_is_stored_with_its_defaults_filled_in():
     ({"eval": {"source": "e.txt", "max_ppl_ratio": 0}}, "eval.max_ppl_ratio must be a finite number > 0"),
     ({"eval": {"source": "e.txt"}}, "eval.max_ppl_ratio is required"),
     ({"webhook": {"url": "ftp://x/y", "secret": SECRET}}, "webhook.url must be an http:// or https:// URL"),
-    ({"webhook": {"url": "https://x/y", "secret": ""}}, "webhook.secret must be a non-empty string"),
+    ({"webhook": {"url": "https://public.test/y", "secret": ""}}, "webhook.secret must be a non-empty string"),
+    ({"webhook": {"url": "https://127.0.0.1/y", "secret": SECRET}}, "webhook.url: https://127.0.0.1 is a loopback"),
     ({"evaluation": {}}, "unknown field(s) 'evaluation'"),
 ])
 def test_a_bad_request_is_refused_naming_the_field(overrides, message):
@@ -61,11 +62,38 @@ def test_the_error_carries_the_field_as_a_location():
 
 
 def test_local_locations_are_confined_to_the_artifacts_folder_of_the_settings(tmp_path):
-    settings = Settings(artifacts_root=str(tmp_path / "artifacts"))
+    settings = Settings(artifacts_root=str(tmp_path / "artifacts"), input_roots=(str(FIXTURES),))
     inside = JobRequest.parse(request(output=str(tmp_path / "artifacts" / "runs" / "y")), settings)
     assert inside.output.endswith("runs/y")
     with pytest.raises(OptionsError, match="output: .* resolves outside the artifacts folder"):
         JobRequest.parse(request(output=str(tmp_path / "elsewhere")), settings)
+
+
+@pytest.mark.parametrize("field", ["model", "dataset.source", "eval.source"])
+def test_local_inputs_outside_the_input_folders_are_refused_at_submit(field, tmp_path):
+    # Before, these were accepted (201) and failed only later in the worker.
+    settings = Settings(artifacts_root=str(tmp_path / "artifacts"))  # the fixtures are not an input root
+    outside = {"model": {"model": str(STORIES)},
+               "dataset.source": {"model": "runs/m", "dataset": {"source": str(WIKI_VALID)}},
+               "eval.source": {"model": "runs/m", "dataset": {"source": "runs/d.txt"},
+                               "eval": {"source": "/etc/passwd", "max_ppl_ratio": 2.0}}}[field]
+    with pytest.raises(OptionsError) as info:
+        JobRequest.parse(request(**outside), settings)
+    assert info.value.loc == tuple(field.split("."))
+    assert "outside the artifacts folder" in str(info.value)
+    allowed = Settings(artifacts_root=str(tmp_path / "artifacts"), input_roots=(str(FIXTURES),))
+    if field != "eval.source":
+        JobRequest.parse(request(**outside), allowed)  # the same input inside LLMPRESS_INPUT_ROOTS is fine
+    # S3 inputs and Hub ids are not local files: nothing to confine.
+    JobRequest.parse(request(model="Org/model-7b", dataset={"source": "s3://texts/valid.txt"}), settings)
+
+
+def test_an_output_is_a_folder_never_a_whole_bucket():
+    for uri in ("s3://releases", "s3://releases/", "s3://Releases/x", "s3://rel_eases/x"):
+        with pytest.raises(OptionsError) as info:
+            JobRequest.parse(request(output=uri))
+        assert info.value.loc == ("output",), uri
+    assert JobRequest.parse(request(output="s3://releases/run-1")).output == "s3://releases/run-1"
 
 
 def test_a_request_becomes_the_engines_options_with_its_inputs_fetched(tmp_path):
@@ -85,7 +113,7 @@ def test_a_request_becomes_the_engines_options_with_its_inputs_fetched(tmp_path)
 
 def test_the_stored_form_reads_back_as_the_same_request():
     body = request(eval={"source": "e.txt", "max_ppl_ratio": 2}, labels={"team": "release"},
-                   webhook={"url": "http://127.0.0.1:9/hook", "secret": SECRET})
+                   webhook={"url": "https://public.test/hook", "secret": SECRET})
     stored = JobRequest.parse(body).to_dict()
     assert list(stored) == ["model", "recipe", "dataset", "output", "eval", "webhook", "labels"]
     assert stored["eval"] == {"source": "e.txt", "max_ppl_ratio": 2.0}
