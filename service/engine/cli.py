@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from service.engine.options import Calibration, CompressionOptions
+from service.recipes.recipe import RecipeLimitError, load_recipe
+from service.recipes.recipe_limits import DEFAULT_LIMITS, TRUSTED_LIMITS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The bundled model and texts: the checkout's tests/fixtures, or where LLMPRESS_FIXTURES points (container images).
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a Hugging Face model directory with a recipe")
     c.add_argument("--model", required=True, help=fields["model"].description)
     c.add_argument("--recipe", required=True, help="recipe YAML file (llm-compressor format)")
+    c.add_argument("--trusted-recipe", action="store_true",
+                   help="raise the recipe limits (size, nesting, YAML aliases, nodes, modifiers) that the API "
+                        "applies, for a recipe file you trust")
     c.add_argument("--output", required=True, help=fields["output"].description)
     c.add_argument("--dataset", help=Calibration.model_fields["source"].description)
     add_option_flags(c, Calibration, CALIBRATION_FLAGS)
@@ -105,7 +110,16 @@ def compression_options(args: argparse.Namespace) -> CompressionOptions:
 def _compress(args) -> int:
     from service.engine.compress import compress_checkpoint
 
-    report = compress_checkpoint(compression_options(args))
+    options = compression_options(args)
+    # The recipe file is held to the recipe limits here, where --trusted-recipe can raise them, and before the
+    # model is opened; the engine takes the parsed Recipe as it is.
+    try:
+        recipe = load_recipe(options.recipe, limits=TRUSTED_LIMITS if args.trusted_recipe else DEFAULT_LIMITS)
+    except RecipeLimitError as exc:
+        if args.trusted_recipe:
+            raise
+        raise RecipeLimitError(f"{exc}; --trusted-recipe raises the limits for a recipe file you trust") from None
+    report = compress_checkpoint(options.model_copy(update={"recipe": recipe}))
     if args.report_json:
         from service.engine.export import write_json
 

@@ -38,10 +38,16 @@ class FieldError(ValueError):
         self.field = field
 
 
+MAX_ERROR_CHARS = 1_000  # of an OptionsError's message: every 422 carries one, and none may echo a whole input
+
+
 class OptionsError(ValueError):
-    """Invalid options: ``str(error)`` starts with the field's dotted name; ``loc`` is that name as a tuple."""
+    """Invalid options: ``str(error)`` starts with the field's dotted name; ``loc`` is that name as a tuple.
+    A message longer than ``MAX_ERROR_CHARS`` is cut there, saying how long it was."""
 
     def __init__(self, message: str, loc: tuple[str, ...] = ()):
+        if len(message) > MAX_ERROR_CHARS:
+            message = f"{message[:MAX_ERROR_CHARS - 40]}... (cut from {len(message)} characters)"
         super().__init__(message)
         self.loc = loc
 

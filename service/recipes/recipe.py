@@ -23,7 +23,10 @@ llm-compressor features handled explicitly rather than ignored:
   * Markdown recipe cards and HF Hub stubs are not read; they fail as missing
     files or malformed YAML.
 
-Every error is a RecipeError whose message starts with the field path.
+Every error is a RecipeError whose message starts with the field path. Before anything is built, a recipe is
+held to ``recipe_limits`` (size, depth, YAML aliases and the nodes they expand to, modifiers): past one, a
+RecipeLimitError starting ``recipe:`` names the limit. Messages quote user values clipped to 100
+characters.
 """
 
 from __future__ import annotations
@@ -36,11 +39,19 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
 from service.recipes.modifier import Modifier
+from service.recipes.recipe_limits import (
+    DEFAULT_LIMITS, RecipeLimits, check_json_nesting, check_size, check_structure, checked_events, clipped, listed,
+    shown, yaml_events,
+)
 
 __all__ = [
     "RecipeError",
+    "RecipeLimitError",
     "Stage",
     "Recipe",
     "register_modifier",
@@ -73,6 +84,10 @@ def _load_builtin_modifiers() -> None:
 
 class RecipeError(ValueError):
     """A recipe that cannot be loaded or laid out; the message names the field path."""
+
+
+class RecipeLimitError(RecipeError):
+    """A recipe past one of its ``RecipeLimits``; the message starts ``recipe:`` and names the limit."""
 
 
 def register_modifier(cls: type[Modifier]) -> type[Modifier]:
@@ -158,14 +173,15 @@ def _check_layout(stages: list[Stage]) -> None:
         if not isinstance(stage, Stage):
             raise RecipeError(f"recipe stages must be Stage values, got {type(stage).__name__}")
         if not (isinstance(stage.name, str) and stage.name.endswith(_STAGE_SUFFIX)):
-            raise RecipeError(f"stage name {stage.name!r} must end with '{_STAGE_SUFFIX}'")
+            raise RecipeError(f"stage name {shown(stage.name)} must end with '{_STAGE_SUFFIX}'")
         if not (isinstance(stage.group, str) and stage.group.endswith(_GROUP_SUFFIX)):
-            raise RecipeError(f"{stage.name}: group name {stage.group!r} must end with '{_GROUP_SUFFIX}'")
-        path = f"{stage.name}.{stage.group}"
+            raise RecipeError(f"{clipped(stage.name)}: group name {shown(stage.group)} must end with "
+                              f"'{_GROUP_SUFFIX}'")
+        path = f"{clipped(stage.name)}.{clipped(stage.group)}"
         if stage.name != previous:
             if stage.name in closed_names:
                 raise RecipeError(
-                    f"{stage.name}: stage appears twice with another stage in between; "
+                    f"{clipped(stage.name)}: stage appears twice with another stage in between; "
                     "give the later one its own name"
                 )
             if previous is not None:
@@ -204,84 +220,102 @@ def _modifier_arguments(modifier: Modifier, implied_group: str) -> dict[str, Any
 # ---- loading ---------------------------------------------------------------------------
 
 
-def load_recipe(source: Any) -> Recipe:
+def load_recipe(source: Any, limits: RecipeLimits = DEFAULT_LIMITS) -> Recipe:
     """Build a Recipe from any of: a Recipe (returned as is); a Modifier or a list of
     Modifiers and/or JSON modifier objects; a dict parsed from YAML/JSON; a path
     (str or Path) to a YAML or JSON file; YAML or JSON text.
 
-    :raises RecipeError: with the field path and what is allowed
+    ``limits`` bound text, files and structures before anything is built (the
+    defaults are the API's; ``recipe_limits.TRUSTED_LIMITS`` is for trusted files).
+
+    :raises RecipeError: with the field path and what is allowed; RecipeLimitError past a limit
     """
     _load_builtin_modifiers()
     if isinstance(source, Recipe):
         return source
     if isinstance(source, Modifier):
-        return _from_list([source])
+        return _from_list([source], limits)
     if isinstance(source, (list, tuple)):
-        return _from_list(list(source))
+        check_structure(source, limits)
+        return _from_list(list(source), limits)
     if isinstance(source, dict):
-        return _from_mapping(source)
+        check_structure(source, limits)
+        return _from_mapping(source, limits)
     if isinstance(source, Path):
-        return _from_file(source)
+        return _from_file(source, limits)
     if isinstance(source, str):
         if os.path.isfile(source) or os.path.isdir(source):
-            return _from_file(Path(source))
-        return _from_text(source, origin=None)
+            return _from_file(Path(source), limits)
+        return _from_text(source, None, limits)
     raise RecipeError(
         f"cannot load a recipe from {type(source).__name__}; pass a file path, YAML/JSON text, "
         "a dict, a Modifier, or a list of modifiers"
     )
 
 
-def _from_file(path: Path) -> Recipe:
+def _from_file(path: Path, limits: RecipeLimits) -> Recipe:
     if path.is_dir():
         raise RecipeError(f"recipe path {str(path)!r} is a directory, not a recipe file")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {str(path)!r}")
+    size = path.stat().st_size
+    if size > limits.max_bytes:  # refused before it is read
+        raise RecipeLimitError(f"recipe: file {shown(str(path))} is larger than {limits.max_bytes} bytes "
+                               f"(the limit): {size} bytes")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text: {err}") from err
-    return _from_text(text, origin=str(path))
+    return _from_text(text, str(path), limits)
 
 
-def _from_text(text: str, origin: str | None) -> Recipe:
+def _from_text(text: str, origin: str | None, limits: RecipeLimits) -> Recipe:
     """``origin`` is the file the text came from, or None for text passed directly
     (which may then have been meant as a path)."""
+    check_size(text, limits)
     one_line = "\n" not in text.strip()
     try:
-        data = _parse_text(text, origin)
+        data = _parse_text(text, origin, limits)
+    except RecipeLimitError:
+        raise
     except RecipeError as err:
         if origin is None and one_line:
-            raise RecipeError(f"recipe file not found: {text.strip()!r} (nor is it a recipe: {err})") from err
+            raise RecipeError(f"recipe file not found: {shown(text.strip())} (nor is it a recipe: {err})") from err
         raise
     if data is None:
         raise RecipeError(f"recipe is empty{f' ({origin})' if origin else ''}: it has no modifiers")
     if isinstance(data, dict):
-        return _from_mapping(data)
+        return _from_mapping(data, limits)
     if isinstance(data, list):
-        return _from_list(data)
+        return _from_list(data, limits)
     if origin is None and one_line:
-        raise RecipeError(f"recipe file not found: {text.strip()!r}")
+        raise RecipeError(f"recipe file not found: {shown(text.strip())}")
     raise RecipeError(
         f"recipe{f' {origin}' if origin else ''} must be a mapping of '<name>_stage' keys "
         f"or a list of modifiers; got {type(data).__name__}"
     )
 
 
-def _parse_text(text: str, origin: str | None) -> Any:
+def _parse_text(text: str, origin: str | None, limits: RecipeLimits) -> Any:
     where = f" of {origin}" if origin else ""
     stripped = text.lstrip()
     # JSON first, as llm-compressor does: YAML rejects some valid JSON (tab indentation)
     if (origin or "").lower().endswith(".json") or stripped[:1] in ("{", "["):
+        check_json_nesting(text, limits)  # json's decoder recurses once per level
         try:
-            return json.loads(text, object_pairs_hook=_unique_json_object)
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
         except json.JSONDecodeError as err:
             if (origin or "").lower().endswith(".json"):
                 raise RecipeError(f"malformed JSON at line {err.lineno}, column {err.colno}{where}: {err.msg}") from err
         except _DuplicateKey as err:
-            raise RecipeError(f"malformed JSON{where}: duplicate key {err.args[0]!r}") from err
+            raise RecipeError(f"malformed JSON{where}: duplicate key {shown(err.args[0])}") from err
+        except ValueError as err:  # a number past Python's 4300 digits
+            raise RecipeError(f"malformed JSON{where}: {err}") from err
+        else:
+            check_structure(data, limits)
+            return data
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        return _load_yaml(text, limits)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         problem = err.problem or err.context or "invalid YAML"
@@ -292,6 +326,20 @@ def _parse_text(text: str, origin: str | None) -> Any:
         ) from err
     except yaml.YAMLError as err:
         raise RecipeError(f"malformed YAML{where}: {err}") from err
+    except RecipeError:
+        raise
+    except ValueError as err:  # a constructor's: a number past Python's 4300 digits, a date like 2024-13-01
+        raise RecipeError(f"malformed YAML{where}: {err}") from err
+
+
+def _load_yaml(text: str, limits: RecipeLimits) -> Any:
+    """``yaml.load`` with the SafeLoader in one pass, on events checked against ``limits`` as they are parsed:
+    the whole document is composed (its nodes are shared, not expanded) and checked before it is constructed."""
+    loader = _UniqueKeyLoader(checked_events(yaml_events(text, limits), limits))
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 class _DuplicateKey(Exception):
@@ -307,11 +355,43 @@ def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key repeated in one mapping instead of keeping the last."""
+class _EventFeed:
+    """The parser side of a PyYAML loader (check_event, peek_event, get_event) over an iterator of events."""
+
+    def __init__(self, events):
+        self._events = events
+        self._next = None
+
+    def peek_event(self):
+        if self._next is None:
+            self._next = next(self._events, None)
+        return self._next
+
+    def check_event(self, *choices) -> bool:
+        event = self.peek_event()
+        return event is not None and (not choices or isinstance(event, choices))
+
+    def get_event(self):
+        event = self.peek_event()
+        self._next = None
+        return event
+
+    def dispose(self) -> None:
+        self._events.close()
 
 
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+class _UniqueKeyLoader(_EventFeed, Composer, SafeConstructor, Resolver):
+    """SafeLoader's composer, constructor and resolver on checked events, rejecting a key repeated in one
+    mapping instead of keeping the last."""
+
+    def __init__(self, events):
+        _EventFeed.__init__(self, events)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+
+
+def _construct_unique_mapping(loader: SafeConstructor, node: yaml.MappingNode) -> dict[Any, Any]:
     first_line: dict[Any, int] = {}
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
@@ -323,7 +403,7 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -
             continue  # unhashable key: construct_mapping below reports it
         if repeated:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {first_line[key]})", key_node.start_mark
+                None, None, f"duplicate key {shown(key)} (first at line {first_line[key]})", key_node.start_mark
             )
         first_line[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=True)
@@ -332,7 +412,12 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
-def _from_mapping(data: dict[Any, Any]) -> Recipe:
+def _within_modifier_limit(stages: list[Stage], limits: RecipeLimits) -> None:
+    if sum(len(stage.modifiers) for stage in stages) > limits.max_modifiers:
+        raise RecipeLimitError(f"recipe: has more than {limits.max_modifiers} modifiers (the limit)")
+
+
+def _from_mapping(data: dict[Any, Any], limits: RecipeLimits) -> Recipe:
     stages: list[Stage] = []
     for key, value in data.items():
         if key == "args":
@@ -350,37 +435,41 @@ def _from_mapping(data: dict[Any, Any]) -> Recipe:
             if key in _REGISTRY:
                 hint = f"; a modifier goes under '<name>_stage: <group>_modifiers: {key}: ...'"
             raise RecipeError(
-                f"{key}: unknown top-level key; allowed: '<name>_stage' mappings, "
+                f"{clipped(str(key))}: unknown top-level key; allowed: '<name>_stage' mappings, "
                 f"'<group>_modifiers' mappings, and an empty 'args'{hint}"
             )
+        # checked as the stages are built: a group holds at most one modifier of each registered class
+        _within_modifier_limit(stages, limits)
     if not stages:
         raise RecipeError("recipe is empty: it has no modifiers")
     return Recipe(stages)
 
 
 def _parse_stage(name: str, body: Any) -> list[Stage]:
+    label = clipped(name)
     if not body:
-        raise RecipeError(f"{name}: stage is empty; expected '<group>_modifiers: {{ClassName: {{args}}}}'")
+        raise RecipeError(f"{label}: stage is empty; expected '<group>_modifiers: {{ClassName: {{args}}}}'")
     if not isinstance(body, dict):
-        raise RecipeError(f"{name}: expected a mapping of '<group>_modifiers' keys, got {type(body).__name__}")
+        raise RecipeError(f"{label}: expected a mapping of '<group>_modifiers' keys, got {type(body).__name__}")
     stages = []
     for key, value in body.items():
         if key == "run_type":
             if value != "oneshot":
-                raise RecipeError(f"{name}.run_type: only 'oneshot' is supported; got {value!r}")
+                raise RecipeError(f"{label}.run_type: only 'oneshot' is supported; got {shown(value)}")
             continue  # every stage runs one-shot here, so it needs no recording
         if not (isinstance(key, str) and key.endswith(_GROUP_SUFFIX)):
             raise RecipeError(
-                f"{name}.{key}: unknown key in stage; allowed: '<group>_modifiers' mappings and run_type: oneshot"
+                f"{label}.{clipped(str(key))}: unknown key in stage; allowed: '<group>_modifiers' mappings and "
+                "run_type: oneshot"
             )
         stages.append(_parse_group(name, key, value))
     if not stages:
-        raise RecipeError(f"{name}: stage has no '<group>_modifiers' mapping")
+        raise RecipeError(f"{label}: stage has no '<group>_modifiers' mapping")
     return stages
 
 
 def _parse_group(stage: str, group: str, body: Any) -> Stage:
-    path = f"{stage}.{group}"
+    path = f"{clipped(stage)}.{clipped(group)}"
     if not body:
         raise RecipeError(f"{path}: group is empty; expected 'ClassName: {{args}}' entries")
     if not isinstance(body, dict):
@@ -390,9 +479,11 @@ def _parse_group(stage: str, group: str, body: Any) -> Stage:
     return Stage(stage, group, modifiers)
 
 
-def _from_list(items: list[Any]) -> Recipe:
+def _from_list(items: list[Any], limits: RecipeLimits) -> Recipe:
     if not items:
         raise RecipeError("recipe is empty: it has no modifiers")
+    if len(items) > limits.max_modifiers:
+        raise RecipeLimitError(f"recipe: has more than {limits.max_modifiers} modifiers (the limit)")
     modifiers = []
     for i, item in enumerate(items):
         path = f"modifiers[{i}]"
@@ -411,10 +502,10 @@ def _modifier_from_object(obj: dict[Any, Any], path: str) -> Modifier:
         args = dict(obj)
         name = args.pop("type")
         if not isinstance(name, str):
-            raise RecipeError(f"{path}.type: expected a modifier class name, got {name!r}")
+            raise RecipeError(f"{path}.type: expected a modifier class name, got {shown(name)}")
         return _build_modifier(name, args, path, implied_group)
     if len(obj) != 1:
-        keys = ", ".join(repr(k) for k in obj) or "none"
+        keys = listed(obj) or "none"
         raise RecipeError(f"{path}: expected {_LIST_ITEM_FORMS}; got keys {keys}")
     ((name, args),) = obj.items()
     return _build_modifier(name, args, path, implied_group)
@@ -424,7 +515,7 @@ def _build_modifier(name: Any, args: Any, where: str, implied_group: str) -> Mod
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
     if cls is None:
         known = ", ".join(sorted(_REGISTRY)) or "(none registered)"
-        raise RecipeError(f"unknown modifier {name!r} in {where}; known modifiers: {known}")
+        raise RecipeError(f"unknown modifier {shown(name)} in {where}; known modifiers: {known}")
     path = f"{where}.{name}"
     if args is None:
         args = {}
@@ -434,9 +525,8 @@ def _build_modifier(name: Any, args: Any, where: str, implied_group: str) -> Mod
     allowed = _argument_names(cls)
     unknown = [k for k in args if k not in allowed]
     if unknown:
-        listed = ", ".join(repr(k) for k in unknown)
         noun = "argument" if len(unknown) == 1 else "arguments"
-        raise RecipeError(f"{path}: unknown {noun} {listed}; allowed: {', '.join(sorted(allowed))}")
+        raise RecipeError(f"{path}: unknown {noun} {listed(unknown)}; allowed: {', '.join(sorted(allowed))}")
     for key, value in args.items():
         _reject_expressions(value, f"{path}.{key}")
 
@@ -461,30 +551,38 @@ def _reject_expressions(value: Any, path: str) -> None:
     if isinstance(value, str):
         if value.lstrip().startswith("$") or "eval(" in value:
             raise RecipeError(
-                f"{path}: recipe variables and expressions such as {value!r} are not supported; "
+                f"{path}: recipe variables and expressions such as {shown(value)} are not supported; "
                 "write the value inline"
             )
     elif isinstance(value, dict):
         for key, item in value.items():
-            _reject_expressions(item, f"{path}.{key}")
+            _reject_expressions(item, f"{path}.{clipped(str(key))}")
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _reject_expressions(item, f"{path}[{i}]")
 
 
+_MAX_ERRORS = 10  # of one modifier's validation errors, told in full
+_MAX_ERROR_CHARS = 300  # of one validator's message, which may quote the value it refused
+
+
 def _describe_validation_error(err: ValidationError, path: str) -> str:
+    errors = err.errors(include_url=False)
     parts = []
-    for error in err.errors(include_url=False):
+    for error in errors[:_MAX_ERRORS]:
         message = error["msg"]
         # pydantic prefixes messages raised by validators; the field path says enough
         for prefix in ("Value error, ", "Assertion failed, "):
             if message.startswith(prefix):
                 message = message[len(prefix) :]
-        loc = ".".join(str(part) for part in error["loc"])
+        loc = ".".join(clipped(str(part)) for part in error["loc"])
+        message = clipped(message, _MAX_ERROR_CHARS)
         text = f"{path}.{loc}: {message}" if loc else f"{path}: {message}"
         if loc and error["type"] != "missing" and "input" in error:
-            text += f" (got {error['input']!r})"
+            text += f" (got {shown(error['input'])})"
         parts.append(text)
+    if len(errors) > _MAX_ERRORS:
+        parts.append(f"... ({len(errors)} errors in all)")
     return "; ".join(parts)
 
 

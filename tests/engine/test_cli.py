@@ -89,3 +89,36 @@ def test_demo_recipes_all_load():
 
     for path in RECIPES.glob("*.yaml"):
         assert load_recipe(path).modifiers(), path
+
+
+
+def test_a_recipe_file_past_the_limits_exits_2_unless_trusted(tmp_path, capsys):
+    """In this process (a real compress costs the transformers import; test_compress_then_eval runs one): with
+    --trusted-recipe the padded recipe passes and the next check, the model's, speaks."""
+    from service.engine.cli import main
+
+    recipe = tmp_path / "padded.yaml"
+    recipe.write_text((RECIPES / "magnitude_2of4.yaml").read_text() + "# a long comment, as padding\n" * 2500)
+    command = ["compress", "--model", str(tmp_path / "no-model"), "--recipe", str(recipe), "--output",
+               str(tmp_path / "out")]
+    assert main(command) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("llmpress compress: error: recipe: file"), message
+    assert "larger than 65536 bytes (the limit)" in message and "--trusted-recipe" in message
+    assert main([*command, "--trusted-recipe"]) == 2
+    assert capsys.readouterr().err.startswith("llmpress compress: error: model: directory")
+
+
+def test_an_alias_bomb_is_refused_even_when_trusted(tmp_path, capsys):
+    from service.engine.cli import main
+
+    recipe = tmp_path / "bomb.yaml"
+    lines = ["      l0: &l0 [" + ", ".join(["lol"] * 9) + "]"]
+    lines += [f"      l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    recipe.write_text("s_stage:\n  g_modifiers:\n    MagnitudePruningModifier:\n" + "\n".join(lines) + "\n")
+    for trusted in ((), ("--trusted-recipe",)):
+        assert main(["compress", "--model", str(tmp_path), "--recipe", str(recipe), "--output",
+                     str(tmp_path / "out"), *trusted]) == 2
+        message = capsys.readouterr().err.strip()
+        assert message.startswith("llmpress compress: error: recipe: expands to more than"), message
+        assert len(message) < 300 and "lol" not in message
