@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import boto3
-import pytest
-from moto.server import ThreadedMotoServer
+import os
+
+# Ray gives a local node the machine's outward address (and turns a _node_ip_address of 127.0.0.1 into it,
+# services.resolve_ip_for_localhost); with cluster mode off it takes loopback (services.get_node_ip_address), so
+# every Ray the tests start, in this process or in a `llmpress serve` child, listens and talks on 127.0.0.1 only.
+# Read once when ray is imported: set before anything imports it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import boto3  # noqa: E402
+import pytest  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

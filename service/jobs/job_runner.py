@@ -307,6 +307,57 @@ def _compress_and_publish(store: JobStore, job: Job, request: JobRequest, publis
     return True
 
 
+# How long a worker waits for a job store it cannot reach (a database restart or fail-over) before it gives up.
+STORE_OUTAGE_SECONDS = 300.0
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a job-store error says the database could not be reached (worth waiting for), not a bad statement."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+class _PatientStore:
+    """The job store as a running job uses it: a call that fails because the database cannot be reached is tried
+    again, with backoff, until the database answers or ``STORE_OUTAGE_SECONDS`` have passed, so a database restart
+    costs the job a pause (between layers, or before a status change) instead of leaving it ``running`` with no
+    worker. A status change tried again may have been committed before the connection broke: a False is then
+    checked against the job as stored, so a lost reply is not taken for "another worker has the job"."""
+
+    def __init__(self, store: JobStore, seconds: float = STORE_OUTAGE_SECONDS):
+        self._store, self._seconds = store, seconds
+
+    def __getattr__(self, name: str):
+        method = getattr(self._store, name)
+        if not callable(method):
+            return method
+
+        def patiently(*args, **kwargs):
+            deadline, delay, retried = time.monotonic() + self._seconds, 0.2, False
+            while True:
+                try:
+                    result = method(*args, **kwargs)
+                except Exception as exc:
+                    if not _unreachable(exc) or time.monotonic() + delay > deadline:
+                        raise
+                    log.warning("job store unreachable (%s); trying %s again in %.1f s", type(exc).__name__, name,
+                                delay)
+                    time.sleep(delay)
+                    delay, retried = min(delay * 2, 5.0), True
+                    continue
+                if name == "transition" and result is False and retried:
+                    return self._landed(*args, **kwargs)
+                return result
+
+        return patiently
+
+    def _landed(self, job_id: str, from_statuses, to_status: str, *, attempt: int | None = None, **fields) -> bool:
+        job = self._store.get(job_id)
+        return (job is not None and job.status == to_status and (attempt is None or job.attempt == attempt)
+                and fields.get("worker_ref", job.worker_ref) == job.worker_ref)
+
+
 def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path | None = None,
             worker_ref: str | None = None, input_roots: Sequence[str | Path] = ()) -> Job | None:
     """Run the queued job ``job_id`` to succeeded, failed or cancelled, exactly once; the job as it ends up.
@@ -317,8 +368,10 @@ def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path |
     ``workdir/<job id>`` (default: the system temporary folder), removed at the end whatever happened.
 
     A KeyboardInterrupt or SystemExit (the worker being stopped) leaves a job without a cancel request in its
-    status for recovery to re-queue, and is re-raised.
+    status for recovery to re-queue, and is re-raised. A job store that cannot be reached is waited for (see
+    ``_PatientStore``).
     """
+    store = _PatientStore(store)
     if not store.transition(job_id, ["queued"], "running", worker_ref=worker_ref):
         return store.get(job_id)
     folder = Path(workdir if workdir is not None else Path(tempfile.gettempdir()) / "llmpress-work") / job_id

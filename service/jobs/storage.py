@@ -791,9 +791,24 @@ class S3Store(ObjectStore):
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 # 409 ConditionalRequestConflict: a concurrent conditional write to the same key won.
                 if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                    # Or botocore retried this very PUT after its reply was lost, and finds the object it wrote.
+                    own = self._holding(key, data)
+                    if own is not None:
+                        return own
                     raise self._taken(key) from None
                 raise
         return response["ETag"]
+
+    def _holding(self, key: str, data: bytes) -> str | None:
+        """The ETag of the object at ``key`` if it holds exactly ``data``, else None. A manifest names its job and
+        the second it was written, so another writer's that matches byte for byte vouches for the same files."""
+        from botocore.exceptions import ClientError
+
+        try:
+            found = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return found["ETag"] if found["Body"].read() == data else None
+        except ClientError:
+            return None
 
     def _delete_own(self, key: str, token) -> bool:
         """DELETE with ``If-Match: <ETag of our write>``: a manifest somebody else wrote since is left alone."""

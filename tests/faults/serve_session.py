@@ -1,0 +1,112 @@
+"""`llmpress serve` for the process-kill tests: the restart tests' ``Serve``, started in a session of its own so
+that the service and everything it starts (its local Ray: GCS, raylet, agents, workers) can be found, killed and
+checked gone by session id, and with its local Ray on 127.0.0.1.
+
+Ray's workers each take a process group of their own, so a kill of the serve process group reaches the serve
+process, GCS, raylet and agents but not the workers: they go when their raylet does. They all stay in the session.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.api.test_service_restart import Serve, service_env
+
+# Ray gives its local node the machine's outward address, and turns a `_node_ip_address` of 127.0.0.1 into that
+# too (services.resolve_ip_for_localhost); with this set to 0 it takes loopback instead (services.get_node_ip_address),
+# on Linux as on the systems the name is about. Read once, when ray is imported: it must be in the environment.
+RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+class ServeSession(Serve):
+    """``Serve`` as a session leader (its pid is the session id of all it starts); up when /readyz answers 200."""
+
+    def __init__(self, root: Path, port: int, timeout: float = 120.0):
+        self.root, self.port = root, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(root / f"serve-{time.monotonic_ns()}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], cwd=root,
+                                     env={**service_env(root), **RAY_LOOPBACK}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.sid = self.proc.pid
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited with {self.proc.returncode}: {self.output()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise AssertionError(f"serve did not become ready: {self.output()}")
+
+    def processes(self) -> dict[int, str]:
+        """The live processes of the session: pid -> command line (as Ray's workers retitle themselves)."""
+        return session_processes(self.sid)
+
+    def kill(self, timeout: float = 30.0) -> dict[int, str]:
+        """SIGKILL to the serve process group; then what of the session outlived it (see ``reap``)."""
+        if self.proc.poll() is None:  # not yet reaped, so its pid (the group's id) cannot name anyone else's
+            os.killpg(self.sid, signal.SIGKILL)
+        self.proc.wait(timeout)
+        if not self.log.closed:
+            self.log.close()
+        return self.reap(timeout)
+
+    def stop(self) -> bool:
+        """SIGTERM as ``Serve.stop``: whether the service shut down cleanly and took all of its session along."""
+        clean = super().stop()
+        return not self.reap() and clean
+
+    def reap(self, timeout: float = 30.0) -> dict[int, str]:
+        """The processes of the session still alive ``timeout`` seconds from now (empty as soon as none is), each
+        then killed by pid so that none outlives the test."""
+        deadline = time.monotonic() + timeout
+        while (left := self.processes()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return left
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """The processes of session ``sid`` that are alive (zombies count as gone): pid -> command line."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        # Fields after the parenthesised command name: state ppid pgrp session ...
+        state, _ppid, _pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
+        if int(session) == sid and state not in ("Z", "X"):
+            found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+    return found
+
+
+def alive(pids) -> list[int]:
+    """Those of ``pids`` that still exist and are not zombies, in whatever session."""
+    found = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            found.append(pid)
+    return found
