@@ -7,8 +7,11 @@ what a job is and how it runs live in ``service/`` and ``workers/``.
 
 Status codes a caller sees: 201 a job was created; 200 an ``Idempotency-Key`` replay (same key, same body: the
 same job, ``Idempotent-Replayed: true``); 401 no or unknown key; 404 no such job *or another tenant's* (never 403,
-so ids do not leak); 409 an idempotency key reused with another body, or artifacts of an unfinished job; 413 a
-body over ``max_request_bytes`` (refused before it is parsed); 422 invalid input, ``detail[].loc`` naming the field.
+so ids do not leak); 409 an idempotency key reused with another body, an output location another job claims, or
+artifacts of an unfinished job; 413 a body over ``max_request_bytes`` (refused before it is parsed); 422 invalid
+input, ``detail[].loc`` naming the field; 400 a request that cannot be read at all (a body that is not UTF-8 or
+nests too deeply, malformed HTTP framing). Every route's ``responses`` lists each of these it can return, with its
+body, and tests/api/test_contract.py holds the server to that document.
 """
 
 # No `from __future__ import annotations`: FastAPI must resolve the route-local Annotated aliases (Caller).
@@ -22,17 +25,20 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api import schemas
 from api.dashboard import mount_dashboard
 from api.metrics import metrics_registry
 from service.engine.options import OptionsError
 from service.jobs.api_keys import KeyInfo, KeyRing
-from service.jobs.job_store import IdempotencyConflict, InvalidCursor, Job, JobStore, TERMINAL
+from service.jobs.job_store import IdempotencyConflict, InvalidCursor, Job, JobStore, OutputClaimed, TERMINAL
 from service.jobs.request import REQUEST_FIELDS, JobRequest
 from service.jobs.settings import Settings
 from service.jobs.storage import StorageError, open_store
@@ -44,6 +50,8 @@ API_VERSION = "1"
 PRESIGN_SECONDS = 3600
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
+# Event ids are the store's 64-bit integers: a larger `after` or Last-Event-ID is a 422, not a database overflow.
+MAX_EVENT_ID = 2**63 - 1
 # The job store's own refusals (label limits) start with the field they are about: "labels: ...".
 _FIELD_AT_START = re.compile(r"^([A-Za-z_]+(?:\.[A-Za-z_]+)*)\b")
 
@@ -58,7 +66,10 @@ jobs unless it is an admin key; another tenant's job answers 404.
 `Idempotent-Replayed: true`), the same key with another body is a 409.
 
 **Errors**: `{"detail": "..."}`, or for invalid input (422) `{"detail": [{"loc": ["body", "dataset",
-"num_samples"], "msg": "...", "type": "..."}]}` naming the field.
+"num_samples"], "msg": "...", "type": "..."}]}` naming the field. A request that cannot be read at all is a 400:
+a body that is not UTF-8 or nests too deeply (`{"detail": "..."}`), or HTTP framing the server cannot parse, such
+as a Content-Length that is not a number (plain text, from the HTTP server itself, on any route). A body over the
+server's limit is a 413 before it is read.
 """
 
 TAGS = [
@@ -71,15 +82,73 @@ def _example(example: Any, description: str = "OK", media: str = "application/js
     return {"description": description, "content": {media: {"example": example}}}
 
 
-def _error(description: str, detail: Any) -> dict:
-    return {"model": schemas.ErrorDetail, **_example({"detail": detail}, description)}
+def _error(description: str, detail: Any, model: type = schemas.ErrorDetail) -> dict:
+    return {"model": model, **_example({"detail": detail}, description)}
 
 
-UNAUTHORIZED = {401: _error("No API key, or an unknown one.", "missing or invalid API key")}
+def _errors(description: str, **examples: tuple[str, Any]) -> dict:
+    """An error response with several named examples: name=(summary, detail)."""
+    return {"model": schemas.ErrorDetail, "description": description, "content": {"application/json": {"examples": {
+        name.replace("_", "-"): {"summary": summary, "value": {"detail": detail}}
+        for name, (summary, detail) in examples.items()}}}}
+
+
+def _header(description: str) -> dict:
+    return {"description": description, "required": True, "schema": {"type": "string"}}
+
+
+# FastAPI files a response's "model" under the route's own media type (text/plain for /metrics): a response
+# documented for every route names its JSON schema itself.
+_ERROR_DETAIL_REF = {"$ref": "#/components/schemas/ErrorDetail"}
+
+
+# Every route can get a 400: uvicorn answers HTTP framing it cannot parse (a Content-Length that is not a number)
+# itself, in plain text, before the app sees the request; FastAPI answers a JSON body it cannot read (not UTF-8,
+# nested deeper than the parser goes) and BodyLimit a Content-Length it cannot read (behind another server).
+MALFORMED = {400: {
+    "description": "The request cannot be read: a body that is not UTF-8 or nests too deeply, or malformed HTTP "
+                   "framing (answered by the HTTP server itself, in plain text).",
+    "content": {
+        "application/json": {"schema": _ERROR_DETAIL_REF, "examples": {
+            "body": {"summary": "The body is not readable JSON",
+                     "value": {"detail": "There was an error parsing the body"}},
+            "content-length": {"summary": "The Content-Length is not a number (behind a server that passes it on)",
+                               "value": {"detail": "invalid Content-Length"}}}},
+        "text/plain": {"schema": {"type": "string"}, "example": "Invalid HTTP request received."},
+    },
+}}
+UNAUTHORIZED = {401: {**_error("No API key, or an unknown one.", "missing or invalid API key"),
+                      "headers": {"WWW-Authenticate": _header("`Bearer`: the scheme the key goes in.")}}}
 NOT_FOUND = {404: _error("No such job, or another tenant's.", "job not found")}
+# BodyLimit: POST routes only (GET, HEAD, OPTIONS and DELETE carry no body it reads).
+TOO_LARGE = {413: _error("The body is larger than LLMPRESS_MAX_REQUEST_BYTES (refused before it is read).",
+                         "request body larger than 1048576 bytes (LLMPRESS_MAX_REQUEST_BYTES)")}
 VALIDATION = {422: _error("Invalid input; `loc` names the field.", [
     {"loc": ["body", "dataset", "num_samples"], "msg": "dataset.num_samples must be >= 1, got 0",
-     "type": "value_error"}])}
+     "type": "value_error"}], model=schemas.ValidationErrors)}
+NOT_SUCCEEDED = {409: _error("The job has not succeeded (yet).",
+                             "job k3v9x0q2m1ab is running: artifacts are published when it succeeds")}
+UNSIGNED = {502: _error("The output's object store could not sign the URLs.",
+                        "could not sign URLs for s3://releases/stories260K-2of4: ...")}
+# What every /v1 route can answer besides its own statuses.
+V1_ERRORS = {**MALFORMED, **UNAUTHORIZED, **VALIDATION}
+
+
+def _parameters_not_null(document: dict) -> dict:
+    """``document`` (an OpenAPI document FastAPI built) with no query or header parameter documented as nullable.
+
+    FastAPI documents an optional parameter as ``anyOf: [<its schema>, {"type": "null"}]``, but HTTP has no null: a
+    caller leaves the parameter out (``required: false`` says it may), and a client that sends the text "null"
+    gets a 422. Idempotent: the document is FastAPI's cached one, changed in place."""
+    for path_item in document.get("paths", {}).values():
+        for operation in path_item.values():
+            for parameter in operation.get("parameters", []) if isinstance(operation, dict) else ():
+                schema = parameter.get("schema", {})
+                options = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]
+                if len(options) == 1 and len(schema["anyOf"]) == 2:
+                    rest = {k: v for k, v in schema.items() if k != "anyOf"}
+                    parameter["schema"] = {**options[0], **rest}
+    return document
 
 
 def _job_out(job: Job) -> schemas.Job:
@@ -184,6 +253,19 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
                   for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:
+            # Starlette's Allow names the methods of the first route whose path matched; FastAPI has a route per
+            # method (GET and POST /v1/jobs are two), so Allow would leave out the others. Name them all (the
+            # static files' own 405 has no route with methods: it stays as it is).
+            methods = {method for route in app.router.routes if route.matches(request.scope)[0] != Match.NONE
+                       for method in getattr(route, "methods", None) or ()}
+            if methods:
+                exc = StarletteHTTPException(405, exc.detail, headers={**(exc.headers or {}),
+                                                                       "Allow": ", ".join(sorted(methods))})
+        return await http_exception_handler(request, exc)
+
     def caller(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> KeyInfo:
         key = keys.verify(credentials.credentials) if credentials is not None else None
         if key is None:
@@ -206,15 +288,22 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
         "/v1/jobs", tags=["jobs"], status_code=201, response_model=schemas.Job, summary="Create a job",
         description="Validate the request, store the job as `queued` and hand it to the workers. With "
                     "`Idempotency-Key`, a repeat of the same body returns the existing job with 200.",
-        responses={201: _example(schemas.JOB_EXAMPLE | {"status": "queued"}, "The job was created."),
-                   200: _example(schemas.JOB_EXAMPLE, "Idempotent replay: the job this key created before."),
-                   409: _error("The Idempotency-Key was used with another body.",
-                               "idempotency key 'release-42' was already used for job k3v9x0q2m1ab with a "
-                               "different request body"),
-                   413: _error("The body is larger than LLMPRESS_MAX_REQUEST_BYTES.",
-                               "request body larger than 1048576 bytes (LLMPRESS_MAX_REQUEST_BYTES)"),
+        responses={201: {**_example(schemas.JOB_EXAMPLE | {"status": "queued"}, "The job was created."),
+                         "headers": {"Location": _header("The job's URL, /v1/jobs/{id}.")}},
+                   200: {**_example(schemas.JOB_EXAMPLE, "Idempotent replay: the job this key created before."),
+                         "headers": {"Idempotent-Replayed": _header("`true`.")}},
+                   409: _errors(
+                       "The Idempotency-Key was used with another body, or the output location (or a folder inside "
+                       "or around it) is claimed by another job; the message names no other tenant and no path.",
+                       idempotency=("Idempotency-Key reused with another body",
+                                    "idempotency key 'release-42' was already used for job k3v9x0q2m1ab with a "
+                                    "different request body"),
+                       output_claimed=("The output location is claimed by another job",
+                                       "output: another job publishes to this location (or a folder inside or "
+                                       "around it); choose another output")),
+                   **TOO_LARGE,
                    503: _error("The workers could not take the job.", "could not dispatch job ...: ..."),
-                   **UNAUTHORIZED, **VALIDATION},
+                   **V1_ERRORS},
     )
     def create_job(
         body: schemas.JobCreate, key: Caller, response: Response,
@@ -223,13 +312,16 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
             examples=["release-2025-01-01-stories260K"])] = None,
     ):
         try:
-            request = JobRequest.parse(body.model_dump(exclude_none=True), settings).to_dict()
+            parsed = JobRequest.parse(body.model_dump(exclude_none=True), settings)
         except OptionsError as exc:
             return _validation_error(["body", *exc.loc], str(exc))
+        request = parsed.to_dict()
         labels = request.pop("labels", None)
         try:
-            job, created = store.create_job(key.name, request, labels=labels, idempotency_key=idempotency_key)
-        except IdempotencyConflict as exc:
+            job, created = store.create_job(key.name, request, labels=labels, idempotency_key=idempotency_key,
+                                            output_location=parsed.output_location(settings),
+                                            overwrite=parsed.overwrite)
+        except (IdempotencyConflict, OutputClaimed) as exc:
             raise HTTPException(409, str(exc)) from None
         except ValueError as exc:  # the store's label limits
             return _validation_error(["body", *_field_of(str(exc))], str(exc))
@@ -251,7 +343,7 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
         "/v1/jobs", tags=["jobs"], response_model=schemas.JobList, summary="List jobs",
         description="Your jobs (every tenant's for an admin key), newest first, one page at a time.",
         responses={200: _example({"items": [schemas.JOB_EXAMPLE], "next_cursor": "WyIyMDI1LTAxLTAxVDEy"}),
-                   **UNAUTHORIZED, **VALIDATION},
+                   **V1_ERRORS},
     )
     def list_jobs(
         key: Caller,
@@ -273,7 +365,7 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=schemas.Job, summary="Get a job",
              description="The job's status, progress, per-layer metrics, report, artifacts and error.",
-             responses={200: _example(schemas.JOB_EXAMPLE), **UNAUTHORIZED, **NOT_FOUND})
+             responses={200: _example(schemas.JOB_EXAMPLE), **V1_ERRORS, **NOT_FOUND})
     def get_job(job_id: JobId, key: Caller):
         return _job_out(visible_job(job_id, key))
 
@@ -281,7 +373,8 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
         "/v1/jobs/{job_id}/cancel", tags=["jobs"], response_model=schemas.Job, summary="Cancel a job",
         description="A queued job is cancelled at once; a running one gets `cancel_requested` and stops between "
                     "layers (then `cancelled`); a finished job is returned unchanged.",
-        responses={200: _example(schemas.JOB_EXAMPLE | {"cancel_requested": True}), **UNAUTHORIZED, **NOT_FOUND},
+        responses={200: _example(schemas.JOB_EXAMPLE | {"cancel_requested": True}), **V1_ERRORS, **NOT_FOUND,
+                   **TOO_LARGE},
     )
     def cancel_job(job_id: JobId, key: Caller):
         before = visible_job(job_id, key)
@@ -303,13 +396,13 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
         responses={200: {"description": "JSON list, or an event stream.", "content": {
             "application/json": {"example": [schemas.Event.model_json_schema()["examples"][0]]},
             "text/event-stream": {"example": 'id: 7\nevent: progress\ndata: {"id": 7, "type": "progress", ...}\n\n'},
-        }}, **UNAUTHORIZED, **NOT_FOUND},
+        }}, **V1_ERRORS, **NOT_FOUND},
     )
     def job_events(
         job_id: JobId, key: Caller, request: Request,
-        after: Annotated[int, Query(ge=0, description="Only events with a larger id.")] = 0,
+        after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id.")] = 0,
         limit: Annotated[int, Query(ge=1, le=1000, description="At most this many events (JSON).")] = 1000,
-        last_event_id: Annotated[int | None, Header(ge=0, description="SSE resume point.")] = None,
+        last_event_id: Annotated[int | None, Header(ge=0, le=MAX_EVENT_ID, description="SSE resume point.")] = None,
     ):
         visible_job(job_id, key)
         if "text/event-stream" in request.headers.get("accept", ""):
@@ -325,9 +418,7 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
         description="A succeeded job's manifest: every file with its size and sha256, and presigned GET URLs "
                     f"(valid {PRESIGN_SECONDS} s) when the output is on S3.",
         responses={200: _example(schemas.ArtifactsResponse.model_json_schema()["examples"][0]),
-                   409: _error("The job has not succeeded (yet).", "job k3v9x0q2m1ab is running: artifacts are "
-                                                                    "published when it succeeds"),
-                   **UNAUTHORIZED, **NOT_FOUND},
+                   **NOT_SUCCEEDED, **UNSIGNED, **V1_ERRORS, **NOT_FOUND},
     )
     def job_artifacts(job_id: JobId, key: Caller):
         job = visible_job(job_id, key)
@@ -351,7 +442,8 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
     # ------------------------------------------------------------------------------------------- operations
 
     @app.get("/healthz", tags=["operations"], response_model=schemas.Health, summary="Liveness",
-             description="200 while the process serves HTTP.", responses={200: _example({"status": "ok"})})
+             description="200 while the process serves HTTP.",
+             responses={200: _example({"status": "ok"}), **MALFORMED})
     def healthz():
         return schemas.Health(status="ok")
 
@@ -359,8 +451,10 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
         "/readyz", tags=["operations"], response_model=schemas.Readiness, summary="Readiness",
         description="200 when the job store answers and the workers (Ray) are reachable, 503 otherwise.",
         responses={200: _example({"status": "ready", "checks": {"store": "ok", "workers": "ok"}}),
-                   503: _example({"status": "not ready", "checks": {"store": "ok", "workers": "not ready"}},
-                                 "A dependency is down.")},
+                   503: {"model": schemas.Readiness,
+                         **_example({"status": "not ready", "checks": {"store": "ok", "workers": "not ready"}},
+                                    "A dependency is down.")},
+                   **MALFORMED},
     )
     def readyz():
         checks = {}
@@ -384,7 +478,8 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
         description="llmpress_jobs{status}, llmpress_queue_depth, llmpress_job_duration_seconds (histogram by "
                     "final status), llmpress_layers_compressed_total; figures from the job store, so every API "
                     "replica reports the same.",
-        responses={200: _example('llmpress_jobs{status="queued"} 3.0\nllmpress_queue_depth 3.0\n', media="text/plain")},
+        responses={200: _example('llmpress_jobs{status="queued"} 3.0\nllmpress_queue_depth 3.0\n', media="text/plain"),
+                   **MALFORMED},
     )
     def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -392,6 +487,8 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     mount_dashboard(app)  # the web UI at / (api/dashboard.py), with its own Content-Security-Policy
+    openapi = app.openapi
+    app.openapi = lambda: _parameters_not_null(openapi())
     return app
 
 

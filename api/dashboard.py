@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, HTTPException, Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
+from api import schemas
 from service.jobs.api_keys import KeyInfo
 from service.jobs.storage import MANIFEST_NAME, StorageError, check_key, open_store, parse_uri
 
@@ -98,11 +99,25 @@ def mount_dashboard(app: FastAPI) -> None:
         description="One file of a succeeded job's output, by its manifest key: the bytes for a local output, a "
                     f"redirect to a presigned URL (valid {PRESIGN_SECONDS} s) for an S3 output. 404 for a key the "
                     "manifest does not list.",
+        # The statuses of api/app.py's /v1 routes, with the same bodies (api/app.py imports this module, so
+        # its response constants cannot be imported here).
         responses={200: {"description": "The file.", "content": {"application/octet-stream": {}}},
-                   307: {"description": "S3 output: the presigned URL."},
-                   401: {"description": "No API key, or an unknown one."},
-                   404: {"description": "No such job (or another tenant's), or no such file."},
-                   409: {"description": "The job has not succeeded (yet)."}},
+                   307: {"description": "S3 output: the presigned URL.",
+                         "headers": {"Location": {"description": "The presigned URL.", "required": True,
+                                                  "schema": {"type": "string"}}}},
+                   400: {"model": schemas.ErrorDetail, "description": "Malformed HTTP framing (answered by the HTTP "
+                         "server itself, in plain text).",
+                         "content": {"text/plain": {"schema": {"type": "string"},
+                                                    "example": "Invalid HTTP request received."}}},
+                   401: {"model": schemas.ErrorDetail, "description": "No API key, or an unknown one.",
+                         "headers": {"WWW-Authenticate": {"description": "`Bearer`.", "required": True,
+                                                          "schema": {"type": "string"}}}},
+                   404: {"model": schemas.ErrorDetail,
+                         "description": "No such job (or another tenant's), or no such file."},
+                   409: {"model": schemas.ErrorDetail, "description": "The job has not succeeded (yet)."},
+                   422: {"model": schemas.ValidationErrors, "description": "Invalid input; `loc` names the field."},
+                   502: {"model": schemas.ErrorDetail, "description": "The output's object store could not sign "
+                                                                       "the URL."}},
     )
     def artifact_file(
         job_id: Annotated[str, PathParam(max_length=32)], key: str,

@@ -118,7 +118,10 @@ class WebhookSpec(_Request):
     """Where to POST the job on every terminal state, signed ``X-Llmpress-Signature: sha256=<HMAC-SHA256 of the
     body keyed with secret>``. The secret is never returned by the API."""
 
-    url: str = Field(description="http:// or https:// URL.", examples=["https://ci.example.com/hooks/llmpress"])
+    url: str = Field(description="https:// URL whose host resolves to public addresses only (http:// and private "
+                                 "networks only where the server's LLMPRESS_WEBHOOK_ALLOW* settings allow them); "
+                                 "checked at submit and again before each delivery, redirects not followed.",
+                     examples=["https://ci.example.com/hooks/llmpress"])
     secret: str = Field(description="HMAC key, 1 to 1024 characters; write-only.", examples=["whsec_change_me"])
 
 
@@ -135,16 +138,31 @@ class JobCreate(_Request):
                     'such as [{"SparseGPTModifier": {"sparsity": 0.5, "mask_structure": "2:4"}}].',
         examples=[RECIPE_YAML_EXAMPLE],
     )
-    dataset: DatasetSpec | None = Field(None, description="Calibration data; required by recipes that calibrate "
-                                                          "(SparseGPT, Wanda, OWL).")
-    output: str = Field(description="Where the compressed model is published: s3://bucket/prefix/, or a relative "
-                                    "path or file:// URI inside the artifacts folder. Must not hold a published "
-                                    "output already.",
+    dataset: DatasetSpec | None = Field(None, description="Calibration data. Required when the recipe calibrates "
+                                                          "on data: SparseGPT, Wanda, OWL sparsity profiles, GPTQ "
+                                                          "(without it the request is a 422 `dataset is required`); "
+                                                          "optional for data-free recipes (magnitude pruning, "
+                                                          "round-to-nearest QuantizationModifier).")
+    output: str = Field(description="Where the compressed model is published: a folder s3://bucket/prefix/ (not a "
+                                    "whole bucket), or a relative path or file:// URI inside the artifacts folder. "
+                                    "The job claims the folder when it is accepted: a folder another job claims "
+                                    "(the same, one inside it or one around it) is a 409, and a failed or "
+                                    "cancelled job gives its folder up again.",
                         examples=["s3://releases/stories260K-2of4/"])
+    overwrite: bool = Field(False, description="Replace the output of your own succeeded job at exactly this "
+                                               "location (the old manifest is removed first). Never takes over "
+                                               "a location another tenant's job, or a job still in flight, holds.")
     eval: EvalGate | None = Field(None, description="Optional quality gate.")
+    # The limits are the job store's (service.jobs.job_store._check_labels, a 422 naming `labels`); stated in the
+    # document so that a client (and the contract test) knows them.
     labels: dict[str, str] | None = Field(None, description="Free-form string labels, filterable in GET /v1/jobs "
-                                                            "(at most 64; keys without '=' or ',').",
-                                          examples=[{"team": "release"}])
+                                                            "(at most 64; keys of 1 to 128 characters without '=' "
+                                                            "or ',', values of at most 256).",
+                                          examples=[{"team": "release"}],
+                                          json_schema_extra={"maxProperties": 64,
+                                                             "propertyNames": {"pattern": "^[^=,]{1,128}$"},
+                                                             "additionalProperties": {"type": "string",
+                                                                                      "maxLength": 256}})
     webhook: WebhookSpec | None = Field(None, description="Optional webhook notified on every terminal state.")
 
 
@@ -300,6 +318,26 @@ class Readiness(_Model):
 
 
 class ErrorDetail(_Model):
+    """Every refusal but invalid input: ``detail`` says what is wrong, for a person to act on."""
+
     model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"detail": "job not found"}]})
 
     detail: str | list[dict[str, Any]]
+
+
+class InvalidField(_Model):
+    loc: list[str | int] = Field(description="Where: 'body', 'query', 'header' or 'path', then the field's path "
+                                             "(a number: a list index, or the character offset of a JSON error).",
+                                 examples=[["body", "dataset", "num_samples"]])
+    msg: str = Field(description="What is wrong with it; the input itself is never echoed.")
+    type: str = Field(description="The kind of error, e.g. value_error, missing, json_invalid.")
+
+
+class ValidationErrors(_Model):
+    """422: the request was read but is not valid; one entry per problem, each naming its field."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"detail": [
+        {"loc": ["body", "dataset", "num_samples"], "msg": "dataset.num_samples must be >= 1, got 0",
+         "type": "value_error"}]}]})
+
+    detail: list[InvalidField]

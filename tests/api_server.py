@@ -25,5 +25,24 @@ def local_ray():
         ray.shutdown()
 
 
+@contextlib.contextmanager
+def ray_cpu_taken():
+    """Take the local Ray's one CPU with an idle actor: a job submitted meanwhile is handed to Ray by the real
+    RayDispatcher and waits, queued, in Ray's own queue until the CPU frees (deterministic, unlike racing a job)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class CpuHolder:
+        def ready(self) -> bool:
+            return True
+
+    holder = CpuHolder.remote()
+    assert ray.get(holder.ready.remote(), timeout=60)
+    try:
+        yield
+    finally:
+        ray.kill(holder)
+
+
 class Server(EmbeddedServer):
     """The API on a free loopback port, in a background thread of the test process."""

@@ -11,6 +11,11 @@ Statuses and the transitions allowed between them::
     uploading -> succeeded | failed | cancelled | queued   (the same; the manifest goes last, so nothing was published)
     succeeded, failed, cancelled: terminal, never change again
 
+An output folder belongs to one job: ``create_job`` claims it in the job's own transaction (``output_claims``),
+refusing a folder another job holds, one inside it or one around it (:class:`OutputClaimed`, HTTP 409). A failed
+or cancelled job releases its claim in the transaction that ends it; a succeeded job keeps it until the same
+tenant submits with ``overwrite``. A re-queued job keeps its claim and starts with empty progress and metrics.
+
 Callers get plain :class:`Job` and :class:`Event` dataclasses, copied out of the session before it closes.
 All timestamps are timezone-aware UTC datetimes. Every method opens its own short transaction, so one
 ``JobStore`` can be shared by the API's threads and the workers' threads.

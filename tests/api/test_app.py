@@ -27,7 +27,7 @@ from api.app import create_app
 from api.client import ApiError, Client
 from service.jobs.job_store import JobStore
 from service.jobs.settings import Settings
-from tests.api_server import Server, local_ray as local_ray_session
+from tests.api_server import Server, local_ray as local_ray_session, ray_cpu_taken
 from tests.fixture_paths import FIXTURES, REPO, STORIES
 
 RECIPE_YAML = (REPO / "service" / "recipes" / "sparsegpt_2of4.yaml").read_text()
@@ -71,7 +71,7 @@ def api_env(root: Path, **settings):
     settings = Settings(
         api_keys=",".join(f"{k}:{v}" for k, v in KEYS.items()), admin_keys="ops",
         database_url=f"sqlite:///{root / 'jobs.db'}", artifacts_root=str(root / "artifacts"), hub_offline=True,
-        **settings,
+        input_roots=(str(FIXTURES),), **settings,
     )
     (root / "artifacts").mkdir()
     store = JobStore(settings.database_url)
@@ -88,7 +88,8 @@ def api_env(root: Path, **settings):
 def env_server(local_ray, tmp_path_factory):
     """For the tests of HTTP itself (validation, auth, idempotency, paging, events, health, OpenAPI): their jobs
     are handed to Ray but never run (see ``env``)."""
-    with api_env(tmp_path_factory.mktemp("api"), max_request_bytes=MAX_BODY) as env:
+    # Webhooks may reach 127.0.0.1 only (an IP literal: Ray's workers do not see tests/conftest.py's test DNS).
+    with api_env(tmp_path_factory.mktemp("api"), max_request_bytes=MAX_BODY, webhook_allow="127.0.0.1") as env:
         yield env
 
 
@@ -112,25 +113,6 @@ def ray_env(local_ray, tmp_path_factory):
     """For the tests whose jobs run: the client, the CLI, bad inputs only a worker finds."""
     with api_env(tmp_path_factory.mktemp("api-ray")) as env:
         yield env
-
-
-@contextlib.contextmanager
-def ray_cpu_taken():
-    """Take the module Ray's one CPU with an idle actor: a job submitted meanwhile is handed to Ray by the real
-    RayDispatcher and waits, queued, in Ray's own queue until the CPU frees (deterministic, unlike racing a job)."""
-    import ray
-
-    @ray.remote(num_cpus=1)
-    class CpuHolder:
-        def ready(self) -> bool:
-            return True
-
-    holder = CpuHolder.remote()
-    assert ray.get(holder.ready.remote(), timeout=60)
-    try:
-        yield
-    finally:
-        ray.kill(holder)
 
 
 def create(env, who="alice", body=None, **headers):
@@ -192,6 +174,8 @@ def test_authentication_and_tenants(env):
     ({"output": "runs/../../escape"}, ["body", "output"]),
     ({"eval": {"source": "s3://data/t.txt", "max_ppl_ratio": -1}}, ["body", "eval", "max_ppl_ratio"]),
     ({"webhook": {"url": "ftp://x", "secret": WEBHOOK_SECRET}}, ["body", "webhook", "url"]),
+    ({"webhook": {"url": "https://metadata.test/latest", "secret": WEBHOOK_SECRET}}, ["body", "webhook", "url"]),
+    ({"webhook": {"url": "https://10.0.0.5/hook", "secret": WEBHOOK_SECRET}}, ["body", "webhook", "url"]),
     ({"surprise": 1}, ["body", "surprise"]),
 ])
 def test_invalid_requests_are_422_naming_the_field(env, change, loc):
@@ -232,9 +216,30 @@ def test_idempotency(env):
     assert env.dispatcher.handed_to_ray(first.json()["id"])
     other = env.http.post("/v1/jobs", json=job_body(), headers={**auth("alice"), "Idempotency-Key": key})
     assert other.status_code == 409 and first.json()["id"] in other.json()["detail"]
-    # Keys are per tenant.
-    bobs = env.http.post("/v1/jobs", json=body, headers={**auth("bob"), "Idempotency-Key": key})
+    # Keys are per tenant (another output: alice's job holds this one).
+    bobs = env.http.post("/v1/jobs", json=job_body(), headers={**auth("bob"), "Idempotency-Key": key})
     assert bobs.status_code == 201 and bobs.json()["id"] != first.json()["id"]
+
+
+def test_an_output_belongs_to_the_job_that_claimed_it(env):
+    folder = f"s3://out/{uuid.uuid4().hex}/"
+    first = env.http.post("/v1/jobs", json=job_body(folder), headers=auth("alice"))
+    assert first.status_code == 201
+    before = job_count(env)
+    for other in (folder, folder.rstrip("/"), folder + "inner/", "s3://out/"[:-1] + "/" + folder[9:] + "x/y/"):
+        refused = env.http.post("/v1/jobs", json=job_body(other), headers=auth("bob"))
+        assert refused.status_code == 409, (other, refused.text)
+        detail = refused.json()["detail"]
+        # Nothing about the other tenant: not its name, its job or where the folder lives.
+        assert "alice" not in detail and first.json()["id"] not in detail and folder[5:-1] not in detail
+        assert detail.startswith("output: another job publishes to this location")
+    assert job_count(env) == before  # refused before anything was stored
+    # The tenant's own job may be named.
+    own = env.http.post("/v1/jobs", json=job_body(folder), headers=auth("alice"))
+    assert own.status_code == 409 and first.json()["id"] in own.json()["detail"]
+    # A cancelled (or failed) job gives its folder up.
+    assert env.http.post(f"/v1/jobs/{first.json()['id']}/cancel", headers=auth("alice")).status_code == 200
+    assert env.http.post("/v1/jobs", json=job_body(folder), headers=auth("bob")).status_code == 201
 
 
 def test_pagination_newest_first(env):
@@ -325,13 +330,13 @@ def test_openapi_documents_every_route_with_examples(env):
 
 
 def test_webhook_secret_never_in_a_response(env):
-    body = job_body(webhook={"url": "https://ci.example.com/hook", "secret": WEBHOOK_SECRET})
+    body = job_body(webhook={"url": "https://127.0.0.1:9/hook", "secret": WEBHOOK_SECRET})
     key = uuid.uuid4().hex
     texts = []
     response = env.http.post("/v1/jobs", json=body, headers={**auth("alice"), "Idempotency-Key": key})
     assert response.status_code == 201
     job_id = response.json()["id"]
-    assert response.json()["request"]["webhook"] == {"url": "https://ci.example.com/hook"}
+    assert response.json()["request"]["webhook"] == {"url": "https://127.0.0.1:9/hook"}
     texts.append(response.text)
     texts.append(env.http.post("/v1/jobs", json=body, headers={**auth("alice"), "Idempotency-Key": key}).text)
     texts.append(env.http.get(f"/v1/jobs/{job_id}", headers=auth("alice")).text)
@@ -484,7 +489,7 @@ def test_ray_end_to_end(local_ray, tmp_path):
     from workers.dispatch import RayDispatcher
 
     settings = Settings(api_keys="alice:alice-secret-1", database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
-                        artifacts_root=str(tmp_path / "artifacts"))
+                        artifacts_root=str(tmp_path / "artifacts"), input_roots=(str(FIXTURES),))
     (tmp_path / "artifacts").mkdir()
     store = JobStore(settings.database_url)
     dispatcher = RayDispatcher(store, settings, input_roots=(FIXTURES,))
