@@ -35,6 +35,7 @@ from service.jobs.job_store import JobStore  # noqa: E402
 from service.jobs.request import JobRequest  # noqa: E402
 from service.jobs.settings import Settings  # noqa: E402
 from service.recipes.recipe_limits import DEFAULT_LIMITS as L  # noqa: E402
+from tests.api_server import NoWorkers  # noqa: E402
 
 KEY = "bench-secret"
 HEAD = "s_stage:\n  g_modifiers:\n    SparseGPTModifier:\n      sparsity: 0.5\n"
@@ -109,26 +110,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class KeepIds:
-    def __init__(self):
-        self.ids = []
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
-
-    def ready(self):
-        return True
-
-    def submit(self, job_id):
-        self.ids.append(job_id)
-
-    def cancel(self, job_id):
-        pass
-
-
 def measure(name: str, recipe, settings, http: httpx.Client | None, repeat: int) -> dict:
     rss_before = peak_rss_mb()
     outcome = parse(recipe, settings)  # warm (and the answer)
@@ -170,7 +151,7 @@ def main() -> int:
         rows = []
         store = JobStore(settings.database_url)
         try:
-            with EmbeddedServer(create_app(settings, store, KeepIds())) as url, \
+            with EmbeddedServer(create_app(settings, store, NoWorkers())) as url, \
                     httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
                 for group, recipes in (("within", worst_within()), ("past", past())):
                     for name, recipe in recipes.items():

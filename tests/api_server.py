@@ -44,5 +44,28 @@ def ray_cpu_taken():
         ray.kill(holder)
 
 
+class NoWorkers:
+    """The dispatcher of an API whose jobs must never run (tests of what the API refuses before anything is stored
+    or handed on): it keeps the ids it is handed, so a test can assert that none was."""
+
+    def __init__(self):
+        self.submitted: list[str] = []
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def ready(self):
+        return True
+
+    def submit(self, job_id):
+        self.submitted.append(job_id)
+
+    def cancel(self, job_id):
+        pass
+
+
 class Server(EmbeddedServer):
     """The API on a free loopback port, in a background thread of the test process."""

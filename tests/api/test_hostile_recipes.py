@@ -19,32 +19,10 @@ from api.app import create_app
 from service.engine.options import MAX_ERROR_CHARS, OptionsError
 from service.jobs.job_store import JobStore
 from service.jobs.settings import Settings
-from tests.api_server import Server
+from tests.api_server import NoWorkers, Server
 
 KEY = "alice-secret-1"
 HEAD = "s_stage:\n  g_modifiers:\n    SparseGPTModifier:\n      sparsity: 0.5\n"
-
-
-class NoDispatch:
-    """The app's dispatcher, keeping the ids it is handed instead of running them."""
-
-    def __init__(self):
-        self.submitted: list[str] = []
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
-
-    def ready(self):
-        return True
-
-    def submit(self, job_id):
-        self.submitted.append(job_id)
-
-    def cancel(self, job_id):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +32,7 @@ def http(tmp_path_factory):
     settings = Settings(api_keys=f"alice:{KEY}", admin_keys="", database_url=f"sqlite:///{root / 'jobs.db'}",
                         artifacts_root=str(root / "artifacts"), hub_offline=True)
     store = JobStore(settings.database_url)
-    dispatcher = NoDispatch()
+    dispatcher = NoWorkers()
     try:
         with Server(create_app(settings, store, dispatcher)) as url, \
                 httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {KEY}"}) as client:

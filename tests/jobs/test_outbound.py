@@ -26,7 +26,7 @@ from service.jobs.job_store import JobStore
 from service.jobs.outbound import Policy, Refused, Unresolved, allow_entry, check_url, ipv4_literal
 from service.jobs.request import JobRequest
 from service.jobs.settings import Settings
-from tests.api_server import Server
+from tests.api_server import NoWorkers, Server
 from tests.jobs.bodies import SECRET
 from tests.tiny_models import RECIPE_2OF4
 
@@ -364,28 +364,6 @@ def test_https_verifies_the_certificate_for_the_urls_host_name(store, tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------- through the API
-
-
-class NoWorkers:
-    """The dispatcher of an API whose jobs never run: records what it was handed."""
-
-    def __init__(self):
-        self.submitted: list[str] = []
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
-
-    def ready(self):
-        return True
-
-    def submit(self, job_id):
-        self.submitted.append(job_id)
-
-    def cancel(self, job_id):
-        pass
 
 
 @pytest.mark.parametrize("webhook_settings", [{}, {"webhook_allow_http": True}])
