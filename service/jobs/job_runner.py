@@ -191,7 +191,9 @@ def _os_error_message(exc: OSError, folder: Path, output: str | None) -> str | N
     free = _free_space(path.parent) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
     left = f" ({_size(free)} free there)" if free is not None else ""
     reason = (exc.strerror or os.strerror(exc.errno)).lower()
-    return f"{reason} while writing {path.name} to {where}{left}: {remedy.format(place=place)}; nothing was published"
+    # A permission error may come from opening an input as well as from a write.
+    doing = f"opening {path.name} in" if exc.errno in (errno.EACCES, errno.EPERM) else f"writing {path.name} to"
+    return f"{reason} while {doing} {where}{left}: {remedy.format(place=place)}; nothing was published"
 
 
 def _error_message(exc: BaseException, job_id: str, folder: Path, output: str | None) -> str:
