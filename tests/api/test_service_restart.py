@@ -51,13 +51,15 @@ def service_env(root: Path) -> dict:
 class Serve:
     """`python -m api.cli serve` as a child process, up when /readyz answers 200."""
 
-    def __init__(self, root: Path, port: int):
+    def __init__(self, root: Path, port: int, *, timeout: float = 120.0, new_session: bool = False):
+        """``new_session``: the service leads a session of its own, so all it starts can be found by session id."""
         self.root, self.port = root, port
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(root / f"serve-{time.monotonic_ns()}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], cwd=root,
-                                     env=service_env(root), stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+                                     env=service_env(root), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=new_session)
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited with {self.proc.returncode}: {self.output()}")

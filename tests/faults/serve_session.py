@@ -10,44 +10,22 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 
-from tests.api.test_service_restart import Serve, service_env
-
-# Ray gives its local node the machine's outward address, and turns a `_node_ip_address` of 127.0.0.1 into that
-# too (services.resolve_ip_for_localhost); with this set to 0 it takes loopback instead (services.get_node_ip_address),
-# on Linux as on the systems the name is about. Read once, when ray is imported: it must be in the environment.
-RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
+from tests.api.test_service_restart import Serve
 
 class ServeSession(Serve):
-    """``Serve`` as a session leader (its pid is the session id of all it starts); up when /readyz answers 200."""
+    """``Serve`` as a session leader (its pid is the session id of all it starts); up when /readyz answers 200.
+    Its local Ray is on 127.0.0.1 as every Ray of the tests is (tests/conftest.py sets the variable it reads)."""
 
     def __init__(self, root: Path, port: int, timeout: float = 120.0):
-        self.root, self.port = root, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(root / f"serve-{time.monotonic_ns()}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], cwd=root,
-                                     env={**service_env(root), **RAY_LOOPBACK}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.sid = self.proc.pid
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited with {self.proc.returncode}: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise AssertionError(f"serve did not become ready: {self.output()}")
+        super().__init__(root, port, timeout=timeout, new_session=True)
+
+    @property
+    def sid(self) -> int:
+        return self.proc.pid
 
     def processes(self) -> dict[int, str]:
         """The live processes of the session: pid -> command line (as Ray's workers retitle themselves)."""
