@@ -49,9 +49,9 @@ def _location(value: str, field: str, info: ValidationInfo, *, confine: bool, fo
     return value
 
 
-def input_roots(settings: Settings, extra: Sequence[str | Path] = ()) -> list[Path]:
-    """The folders a job may read local inputs from: the artifacts folder, LLMPRESS_INPUT_ROOTS, then ``extra``."""
-    return [Path(settings.artifacts_root), *map(Path, settings.input_roots), *map(Path, extra)]
+def input_roots(settings: Settings) -> list[Path]:
+    """The folders a job may read local inputs from: the artifacts folder, then LLMPRESS_INPUT_ROOTS."""
+    return [Path(settings.artifacts_root), *map(Path, settings.input_roots)]
 
 
 def local_input(uri: str, field: str, roots: Sequence[Path]) -> tuple[Path, Path]:
