@@ -195,12 +195,16 @@ class StreamedModel:
     """A model skeleton plus its checkpoint: parameters are loaded per module prefix and released again."""
 
     def __init__(self, model_dir: str | Path, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
-                 compressed: bool = False):
+                 compressed: bool = False, checkpoint=None):
         """``compressed``: also read quantized (compressed-tensors) checkpoints and ones with online rotations, to
         score them (the caller attaches the online rotations). Without it they are refused: compressing one again
-        would write dense weights under its quantization config, or drop its online rotations."""
+        would write dense weights under its quantization config, or drop its online rotations.
+
+        ``checkpoint``: where the tensors come from, any object with SafetensorsCheckpoint's ``keys``, ``in`` and
+        ``read`` (the job domain's S3 reader, say); ``model_dir`` then holds only config.json and the tokenizer.
+        Default: the safetensors files in ``model_dir``."""
         self.dir = Path(model_dir)
-        self.checkpoint = SafetensorsCheckpoint(self.dir)
+        self.checkpoint = checkpoint if checkpoint is not None else SafetensorsCheckpoint(self.dir)
         self.config = load_config(self.dir, trust_remote_code=trust_remote_code)
         self.model = empty_model(self.config, trust_remote_code=trust_remote_code)
         self.dtype = dtype  # None keeps each tensor's stored dtype
