@@ -2,14 +2,17 @@
 
 ``create_app(settings, store, dispatcher)`` wires the routes to a job store and to any dispatcher object with
 ``start()``, ``submit(job_id)``, ``cancel(job_id)``, ``ready()`` and ``stop()`` (``workers.dispatch.RayDispatcher``
-in production); ``build_app(settings)`` builds the real ones for ``llmpress serve``. This module holds HTTP only:
-what a job is and how it runs live in ``service/`` and ``workers/``.
+in production), and optionally ``check_resources(resources)``, which raises a FieldError naming the field when the
+cluster could never hold a job's workers (``service.jobs.request.cluster_fits``); ``build_app(settings)`` builds
+the real ones for ``llmpress serve``. This module holds HTTP only: what a job is and how it runs live in
+``service/`` and ``workers/``.
 
 Status codes a caller sees: 201 a job was created; 200 an ``Idempotency-Key`` replay (same key, same body: the
 same job, ``Idempotent-Replayed: true``); 401 no or unknown key; 404 no such job *or another tenant's* (never 403,
-so ids do not leak); 409 an idempotency key reused with another body, an output location another job claims, or
-artifacts of an unfinished job; 413 a body over ``max_request_bytes`` (refused before it is parsed); 422 invalid
-input, ``detail[].loc`` naming the field; 400 a request that cannot be read at all (a body that is not UTF-8 or
+so ids do not leak); 409 an idempotency key reused with another body, an output location another job claims,
+artifacts of an unfinished job, or a retry of a job that neither failed nor was cancelled; 413 a body over
+``max_request_bytes`` (refused before it is parsed); 422 invalid input (resources the cluster could never hold
+too), ``detail[].loc`` naming the field; 400 a request that cannot be read at all (a body that is not UTF-8 or
 nests too deeply, malformed HTTP framing). Every route's ``responses`` lists each of these it can return, with its
 body, and tests/api/test_contract.py holds the server to that document.
 """
@@ -36,10 +39,12 @@ from starlette.routing import Match
 from api import schemas
 from api.dashboard import mount_dashboard
 from api.metrics import metrics_registry
-from service.engine.options import OptionsError
+from service.engine.options import FieldError, OptionsError
 from service.jobs.api_keys import KeyInfo, KeyRing
-from service.jobs.job_store import IdempotencyConflict, InvalidCursor, Job, JobStore, OutputClaimed, TERMINAL
-from service.jobs.request import REQUEST_FIELDS, JobRequest
+from service.jobs.job_store import (
+    RETRYABLE, TERMINAL, IdempotencyConflict, InvalidCursor, Job, JobNotFound, JobStore, NotRetryable, OutputClaimed,
+)
+from service.jobs.request import REQUEST_FIELDS, JobRequest, Resources, output_location, stored_resources
 from service.jobs.settings import Settings
 from service.jobs.storage import StorageError, open_store
 from service.jobs.webhook import webhook_payload
@@ -64,6 +69,10 @@ jobs unless it is an admin key; another tenant's job answers 404.
 
 **Idempotency**: send `Idempotency-Key` with `POST /v1/jobs`; the same key and body returns the same job (200,
 `Idempotent-Replayed: true`), the same key with another body is a 409.
+
+**Workers**: `resources` runs one job on several Ray workers (`workers`, `cpus_per_worker`, `gpus_per_worker`); a
+request the cluster's nodes could never hold is a 422 naming the field. A failed or cancelled job is run again
+with `POST /v1/jobs/{job_id}/retry`.
 
 **Errors**: `{"detail": "..."}`, or for invalid input (422) `{"detail": [{"loc": ["body", "dataset",
 "num_samples"], "msg": "...", "type": "..."}]}` naming the field. A request that cannot be read at all is a 400:
@@ -158,6 +167,12 @@ def _job_out(job: Job) -> schemas.Job:
 
 def _validation_error(loc: list, message: str, status: int = 422) -> JSONResponse:
     return JSONResponse({"detail": [{"loc": loc, "msg": message, "type": "value_error"}]}, status_code=status)
+
+
+def _message_of(error: FieldError) -> str:
+    """A FieldError's message starting with the dotted field it names."""
+    message = str(error)
+    return message if not error.field or message.startswith(error.field) else f"{error.field}: {message}"
 
 
 def _field_of(message: str) -> list[str]:
@@ -282,6 +297,32 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
             raise HTTPException(404, "job not found")
         return job
 
+    def check_resources(resources: Resources | None) -> None:
+        """The dispatcher's check that its cluster could ever hold the job's workers (FieldError when not), if it
+        has one; a cluster it cannot ask is a 503, before anything is stored."""
+        check = getattr(dispatcher, "check_resources", None)
+        if check is None:
+            return
+        try:
+            check(resources)
+        except FieldError:
+            raise
+        except Exception as exc:
+            log.exception("could not check the cluster's resources")
+            raise HTTPException(503, f"could not ask the workers what they can hold ({type(exc).__name__}); "
+                                     "try again") from None
+
+    def dispatch(job: Job, again: str) -> None:
+        """Hand the queued job to the workers; when they cannot take it, the job fails (saying ``again``: what to
+        do) and the caller gets a 503."""
+        try:
+            dispatcher.submit(job.id)
+        except Exception as exc:
+            log.exception("could not dispatch job %s", job.id)
+            error = f"could not hand the job to the workers ({type(exc).__name__}); {again}"
+            store.transition(job.id, ["queued"], "failed", error=error)
+            raise HTTPException(503, f"could not dispatch job {job.id}: {error}") from None
+
     # ------------------------------------------------------------------------------------------------ jobs
 
     @app.post(
@@ -315,6 +356,10 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
             parsed = JobRequest.parse(body.model_dump(exclude_none=True), settings)
         except OptionsError as exc:
             return _validation_error(["body", *exc.loc], str(exc))
+        try:
+            check_resources(parsed.resources)
+        except FieldError as exc:  # the cluster could never hold the workers asked for
+            return _validation_error(["body", *(exc.field or "resources").split(".")], _message_of(exc))
         request = parsed.to_dict()
         labels = request.pop("labels", None)
         try:
@@ -329,13 +374,7 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
             response.status_code = 200
             response.headers["Idempotent-Replayed"] = "true"
             return _job_out(job)
-        try:
-            dispatcher.submit(job.id)
-        except Exception as exc:
-            log.exception("could not dispatch job %s", job.id)
-            error = f"could not hand the job to the workers ({type(exc).__name__}); submit it again"
-            store.transition(job.id, ["queued"], "failed", error=error)
-            raise HTTPException(503, f"could not dispatch job {job.id}: {error}") from None
+        dispatch(job, "submit it again")
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return _job_out(job)
 
@@ -386,6 +425,51 @@ def create_app(settings: Settings, store: JobStore, dispatcher: Any) -> FastAPI:
                 dispatcher.cancel(job_id)
             except Exception:  # the store's cancel flag stands: the worker stops between layers
                 log.exception("dispatcher could not cancel job %s", job_id)
+        return _job_out(job)
+
+    @app.post(
+        "/v1/jobs/{job_id}/retry", tags=["jobs"], response_model=schemas.Job, summary="Retry a job",
+        description="Queue a failed or cancelled job again as its next attempt (`attempt` + 1, error and progress "
+                    "cleared, per-layer metrics kept) and hand it to the workers. The job claims its output folder "
+                    "again; the request is the one stored, unchanged.",
+        responses={200: _example(schemas.JOB_EXAMPLE | {"status": "queued", "attempt": 2, "started_at": None,
+                                                        "progress": {}}, "The job, queued again."),
+                   409: _errors(
+                       "The job did not fail and was not cancelled, its output folder was claimed by another job "
+                       "meanwhile, or the cluster can no longer hold its workers.",
+                       not_retryable=("The job succeeded, or has not ended",
+                                      ("job k3v9x0q2m1ab succeeded; a succeeded job is not retried: submit a new "
+                                       "job (with overwrite to replace its output)")),
+                       output_claimed=("Its output location was claimed by another job meanwhile",
+                                       ("output: another job publishes to this location (or a folder inside or "
+                                        "around it); choose another output")),
+                       resources=("The cluster can no longer hold the job's workers",
+                                  ("job k3v9x0q2m1ab cannot run on this cluster: resources.workers: 3 workers of 1 "
+                                   "CPU each were asked for, but the cluster's nodes can hold at most 2 at once"))),
+                   503: _error("The workers could not take the job.", "could not dispatch job ...: ..."),
+                   **V1_ERRORS, **NOT_FOUND, **TOO_LARGE},
+    )
+    def retry_job(job_id: JobId, key: Caller):
+        before = visible_job(job_id, key)
+        location = None  # a job that is not retryable is refused by the store, whatever its request
+        if before.status in RETRYABLE:
+            try:
+                check_resources(stored_resources(before.request))
+            except (FieldError, OptionsError) as exc:
+                message = _message_of(exc) if isinstance(exc, FieldError) else str(exc)
+                raise HTTPException(409, f"job {job_id} cannot run on this cluster: {message}") from None
+            try:
+                output = before.request.get("output")
+                location = output_location(output, settings) if output else None
+            except StorageError as exc:  # the service's artifacts folder moved since the job was accepted
+                raise HTTPException(409, str(exc)) from None
+        try:
+            job = store.retry(job_id, owner=key.name, admin=key.admin, output_location=location)
+        except JobNotFound:
+            raise HTTPException(404, "job not found") from None
+        except (NotRetryable, OutputClaimed) as exc:
+            raise HTTPException(409, str(exc)) from None
+        dispatch(job, "retry it again")
         return _job_out(job)
 
     @app.get(

@@ -3,8 +3,10 @@
     llmpress demo [--engine]                             the bundled model through the service's REST API
     llmpress serve [--host 127.0.0.1] [--port 8000]      the API with local Ray, SQLite and ./artifacts by default
     llmpress submit --server URL --model M --recipe FILE --output OUT [--dataset D] [--eval E --max-ppl-ratio R]
+                    [--workers N [--cpus-per-worker C] [--gpus-per-worker 0|1]]
                     [--wait]                              prints the job id; --wait follows it
     llmpress jobs list|get|cancel                         the jobs of your key
+    llmpress retry JOB_ID                                 queue a failed or cancelled job again
     llmpress keys create --name NAME [--admin]            prints the new key's secret, once
 
 Exit codes of submit --wait: 0 the job succeeded (and passed its quality gate), 1 it failed, failed its gate or was
@@ -21,9 +23,11 @@ from pathlib import Path
 
 from api.schemas import DatasetSpec
 from service.engine import cli as service_cli
+from service.jobs.request import Resources
 
 SERVICE_COMMANDS = ("compress", "eval", "demo")
 DATASET_FLAGS = tuple(name for name in DatasetSpec.model_fields if name != "source")
+RESOURCES_FLAGS = tuple(Resources.model_fields)
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
@@ -71,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--webhook-url", help="POST the job here on every terminal state")
     j.add_argument("--webhook-secret", default=None,
                    help="HMAC key for the webhook signature (default: LLMPRESS_WEBHOOK_SECRET)")
+    # --workers, --gpus-per-worker, --cpus-per-worker: the request's resources, sent only when one is given.
+    service_cli.add_option_flags(j, Resources, RESOURCES_FLAGS, defaults=False)
     j.add_argument("--idempotency-key", help="makes a retried submit return the same job")
     j.add_argument("--wait", action="store_true", help="follow the job; exit 0 only if it succeeded")
     j.add_argument("--poll", type=float, default=1.0, help="seconds between status checks with --wait")
@@ -88,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = jobs.add_parser(name, help=what)
         _add_connection(p)
         p.add_argument("job_id")
+
+    r = sub.add_parser("retry", help="queue a failed or cancelled job again (attempt + 1); prints it as JSON")
+    _add_connection(r)
+    r.add_argument("job_id")
 
     keys = sub.add_parser("keys", help="manage API keys in the job store").add_subparsers(dest="keys_command",
                                                                                         required=True)
@@ -204,6 +214,8 @@ def _progress_line(job) -> str:
     p = job.progress
     if job.status in ("succeeded", "failed", "cancelled"):
         return f"{job.id} {job.status}"
+    if job.status == "queued" and p.waiting:
+        return f"{job.id} queued: {p.waiting}"
     where = f" {p.stage}" if p.stage else ""
     if p.layer is not None and p.layers:
         where += f" layer {p.layer}/{p.layers}"
@@ -235,9 +247,10 @@ def _submit(args) -> int:
         if not secret:
             raise SystemExit("llmpress submit: error: --webhook-url needs --webhook-secret or LLMPRESS_WEBHOOK_SECRET")
         webhook = {"url": args.webhook_url, "secret": secret}
+    resources = {name: getattr(args, name) for name in RESOURCES_FLAGS if getattr(args, name) is not None}
     job = client.submit(model=args.model, recipe=_read_recipe(args.recipe), output=args.output, dataset=dataset,
                         eval=gate, labels=labels or None, webhook=webhook, idempotency_key=args.idempotency_key,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, resources=resources or None)
     print(job.id, flush=True)
     if not args.wait:
         return 0
@@ -270,6 +283,11 @@ def _jobs(args) -> int:
     return 0
 
 
+def _retry(args) -> int:
+    print(_client(args).retry(args.job_id).model_dump_json(indent=2))
+    return 0
+
+
 def _keys(args) -> int:
     from service.jobs.api_keys import create_key, list_keys
     from service.jobs.job_store import JobStore
@@ -297,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return service_cli.main([a for a in argv if a != "--engine"])
     from api.client import ApiError
 
-    handlers = {"serve": _serve, "submit": _submit, "jobs": _jobs, "keys": _keys, "demo": _demo}
+    handlers = {"serve": _serve, "submit": _submit, "jobs": _jobs, "retry": _retry, "keys": _keys, "demo": _demo}
     try:
         return handlers[args.command](args)
     except (ApiError, OSError, ValueError) as exc:

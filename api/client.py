@@ -77,11 +77,13 @@ class Client:
 
     def submit(self, model: str, recipe: str | list[dict], output: str, dataset: dict | None = None,
                eval: dict | None = None, labels: dict[str, str] | None = None, webhook: dict | None = None,
-               idempotency_key: str | None = None, overwrite: bool = False) -> Job:
+               idempotency_key: str | None = None, overwrite: bool = False, resources: dict | None = None) -> Job:
         """Create a job (POST /v1/jobs); the same ``idempotency_key`` and arguments return the same job.
-        ``overwrite`` replaces the output of your own succeeded job at exactly ``output`` (else that is a 409)."""
+        ``overwrite`` replaces the output of your own succeeded job at exactly ``output`` (else that is a 409);
+        ``resources`` (``{"workers": 2, "cpus_per_worker": 4}``) runs it on several Ray workers."""
         body = {"model": model, "recipe": recipe, "output": output, "dataset": dataset, "eval": eval,
-                "labels": labels, "webhook": webhook, "overwrite": True if overwrite else None}
+                "labels": labels, "webhook": webhook, "overwrite": True if overwrite else None,
+                "resources": resources}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return Job.model_validate(self._call("POST", "/v1/jobs", {k: v for k, v in body.items() if v is not None},
                                              headers))
@@ -98,6 +100,10 @@ class Client:
 
     def cancel(self, job_id: str) -> Job:
         return Job.model_validate(self._call("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel"))
+
+    def retry(self, job_id: str) -> Job:
+        """Queue a failed or cancelled job again as its next attempt (POST /v1/jobs/{id}/retry)."""
+        return Job.model_validate(self._call("POST", f"/v1/jobs/{quote(job_id, safe='')}/retry"))
 
     def events(self, job_id: str, after: int = 0) -> list[Event]:
         data = self._call("GET", f"/v1/jobs/{quote(job_id, safe='')}/events", query={"after": after})

@@ -3,7 +3,8 @@
 These models say what a caller may send and will get back; the checks that need the engine (the recipe parses, a
 location is inside the artifacts folder, ranges) are ``service.jobs.request.JobRequest``'s, which the body becomes,
 and the API turns its OptionsError into a 422 naming the field. A dataset here is the engine's ``Calibration``
-(``service.engine.options``) as far as the service exposes it: its defaults and limits are read from there.
+(``service.engine.options``) as far as the service exposes it, and ``resources`` the job request's own
+``Resources`` (``service.jobs.request``): their defaults and descriptions are read from there.
 Responses are built from the stored job with the webhook secret removed (``service.jobs.webhook.webhook_payload``)
 and then pass through these models, so a field that is not declared here never reaches a caller.
 """
@@ -11,13 +12,15 @@ and then pass through these models, so a field that is not declared here never r
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from service.engine.options import Calibration
+from service.jobs.request import MAX_CPUS_PER_WORKER, MAX_WORKERS, Resources
 
 _CALIBRATION = Calibration.model_fields
+_RESOURCES = Resources.model_fields
 
 JobStatus = Literal["queued", "running", "uploading", "succeeded", "failed", "cancelled"]
 
@@ -68,7 +71,8 @@ JOB_EXAMPLE = {
     "cancel_requested": False,
     "request": _REQUEST_VIEW_EXAMPLE,
     "labels": {"team": "release", "model": "stories260K"},
-    "progress": {"stage": "compressing", "layer": 3, "layers": 5, "fraction": 0.6},
+    "progress": {"stage": "compressing", "layer": 3, "layers": 5, "fraction": 0.6,
+                 "workers": [{"rank": 0, "node_id": "5f1c" + "0" * 52, "node_ip": "10.0.0.12", "cpus": 1, "gpus": 0}]},
     "metrics": {
         "layers": {"2": {"name": "model.layers.2", "sparsity": 0.5, "seconds": 0.41}},
         "modules": {"model.layers.2.mlp.down_proj": {"layer": 2, "sparsity": 0.5, "loss": 0.0123, "seconds": 0.08}},
@@ -125,6 +129,29 @@ class WebhookSpec(_Request):
     secret: str = Field(description="HMAC key, 1 to 1024 characters; write-only.", examples=["whsec_change_me"])
 
 
+def _integer(low: int, high: int):
+    """An integer from ``low`` to ``high`` in the document, taken as sent: JobRequest's ``Resources`` checks it,
+    so a 422 says "resources.workers must be >= 1, got 0" (and a JSON true is no integer, as there)."""
+    return Annotated[Any, WithJsonSchema({"type": "integer", "minimum": low, "maximum": high})]
+
+
+class ResourcesSpec(_Request):
+    """The Ray workers the job runs on: ``workers`` of them at once, each taking ``cpus_per_worker`` CPUs and
+    ``gpus_per_worker`` GPUs on one node. A request the cluster's nodes could never hold (more workers than fit, a
+    worker larger than any node, a GPU on a cluster without one) is a 422 naming the field."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"workers": 2, "cpus_per_worker": 4}]})
+
+    workers: _integer(1, MAX_WORKERS) = Field(_RESOURCES["workers"].default,
+                                              description=_RESOURCES["workers"].description, examples=[2])
+    gpus_per_worker: _integer(0, 1) | None = Field(_RESOURCES["gpus_per_worker"].default,
+                                                   description=_RESOURCES["gpus_per_worker"].description,
+                                                   examples=[0])
+    cpus_per_worker: _integer(1, MAX_CPUS_PER_WORKER) = Field(_RESOURCES["cpus_per_worker"].default,
+                                                              description=_RESOURCES["cpus_per_worker"].description,
+                                                              examples=[4])
+
+
 class JobCreate(_Request):
     """A compression job: which model, which recipe, calibrated on what, published where, gated how."""
 
@@ -164,9 +191,30 @@ class JobCreate(_Request):
                                                              "additionalProperties": {"type": "string",
                                                                                       "maxLength": 256}})
     webhook: WebhookSpec | None = Field(None, description="Optional webhook notified on every terminal state.")
+    resources: ResourcesSpec | None = Field(None, description="The Ray workers the job runs on (default: one "
+                                                              "worker of 1 CPU, with a GPU when the cluster has "
+                                                              "one).")
 
 
 # -------------------------------------------------------------------------------------------------- responses
+
+
+class WorkerView(_Model):
+    """One Ray worker of a job, as it started."""
+
+    rank: int = Field(description="0 to workers - 1.", examples=[0])
+    node_id: str | None = Field(None, description="The Ray node it runs on (hex).", examples=["a1b2c3" + "0" * 50])
+    node_ip: str | None = Field(None, description="That node's address.", examples=["10.0.0.12"])
+    cpus: int | float | None = Field(None, description="CPUs it holds.", examples=[1])
+    gpus: int | float | None = Field(None, description="GPUs it holds.", examples=[0])
+    device: str | None = Field(None, description="The torch device it computes on.", examples=["cuda"])
+
+
+class Resumed(_Model):
+    """This attempt went on from a per-layer checkpoint: ``layer`` is the first layer computed again (from 1)."""
+
+    layer: int = Field(examples=[3])
+    layers: int = Field(examples=[5])
 
 
 class Progress(_Model):
@@ -176,6 +224,10 @@ class Progress(_Model):
     layer: int | None = Field(None, examples=[3])
     layers: int | None = Field(None, examples=[5])
     fraction: float | None = Field(None, examples=[0.6])
+    workers: list[WorkerView] | None = Field(None, description="The job's Ray workers, while it runs and after.")
+    resumed: Resumed | None = Field(None, description="Set when this attempt resumed from a per-layer checkpoint.")
+    waiting: str | None = Field(None, description="What a queued job waits for.",
+                                examples=["2 workers of 1 CPU each: 1 CPU free in the cluster"])
 
 
 class WebhookView(_Model):
@@ -197,6 +249,7 @@ class JobRequestView(_Model):
     output: str
     eval: EvalView | None = None
     webhook: WebhookView | None = None
+    resources: ResourcesSpec | None = None
 
 
 class FileEntry(_Model):
@@ -225,7 +278,7 @@ class Artifacts(_Model):
 
 class Job(_Model):
     """A job as the API shows it. ``status`` moves queued -> running -> uploading -> succeeded, or ends failed or
-    cancelled; those three never change again."""
+    cancelled; a succeeded job never changes again, and a failed or cancelled one only when it is retried."""
 
     model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [JOB_EXAMPLE]})
 
@@ -236,7 +289,8 @@ class Job(_Model):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime
-    attempt: int = Field(1, description="1, plus one each time a lost worker's job was queued again.")
+    attempt: int = Field(1, description="1, plus one each time a lost worker's job was queued again or the job "
+                                        "was retried.")
     cancel_requested: bool = False
     request: JobRequestView
     labels: dict[str, str] = Field(default_factory=dict)

@@ -46,10 +46,21 @@ def ray_cpu_taken():
 
 class NoWorkers:
     """The dispatcher of an API whose jobs must never run (tests of what the API refuses before anything is stored
-    or handed on): it keeps the ids it is handed, so a test can assert that none was."""
+    or handed on): it keeps the ids it is handed, so a test can assert that none was.
 
-    def __init__(self):
+    ``nodes`` (the total resources of each node of a pretend cluster, ``[{"CPU": 2.0, "GPU": 0.0}, ...]`` as Ray's
+    ``ray.nodes()`` gives them) makes it check a request's resources as RayDispatcher does, with the same
+    ``cluster_fits``; without it every request fits."""
+
+    def __init__(self, nodes: list[dict[str, float]] | None = None):
         self.submitted: list[str] = []
+        self.nodes = nodes
+
+    def check_resources(self, resources):
+        from service.jobs.request import cluster_fits
+
+        if self.nodes is not None:
+            cluster_fits(resources, self.nodes)
 
     def start(self):
         pass

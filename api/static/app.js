@@ -458,6 +458,34 @@
     if (content.length) box.replaceChildren(...content);
   }
 
+  // The job's Ray workers (progress.workers: rank, node_id, node_ip, cpus, gpus), while it runs and after.
+  function renderWorkers(job) {
+    const workers = ((job.progress || {}).workers || []).slice().sort((a, b) => a.rank - b.rank);
+    $("#job-workers-card").hidden = workers.length === 0;
+    const num = (x) => (x === null || x === undefined ? "–" : String(x));
+    const signature = JSON.stringify(workers);
+    const body = $("#workers-body");
+    if (body.dataset.signature === signature) return;  // unchanged: keep the rows (and any text selection)
+    body.dataset.signature = signature;
+    body.replaceChildren(...workers.map((w) =>
+      el("tr", { "data-rank": w.rank },
+        el("td", { "data-label": "Rank" }, num(w.rank)),
+        el("td", { "data-label": "Node", class: "mono wrap" }, w.node_id || "–"),
+        el("td", { "data-label": "Address", class: "mono" }, w.node_ip || "–"),
+        el("td", { "data-label": "CPUs" }, num(w.cpus)),
+        el("td", { "data-label": "GPUs" }, num(w.gpus)))));
+  }
+
+  // "2 workers × 4 CPUs each, 1 GPU each" from the request's resources (gpus left out: the cluster decides).
+  function resourcesText(resources) {
+    if (!resources) return null;
+    const workers = resources.workers || 1, cpus = resources.cpus_per_worker || 1;
+    const gpus = resources.gpus_per_worker;
+    const parts = [`${workers} worker${workers === 1 ? "" : "s"}`, `${cpus} CPU${cpus === 1 ? "" : "s"} each`];
+    parts.push(gpus === null || gpus === undefined ? "a GPU each if the cluster has one" : `${gpus} GPU${gpus === 1 ? "" : "s"} each`);
+    return parts.join(", ");
+  }
+
   function renderModules(job) {
     const modules = Object.entries((job.metrics || {}).modules || {})
       .sort(([a, x], [b, y]) => (x.layer - y.layer) || a.localeCompare(b));
@@ -565,6 +593,16 @@
     setBar($("#job-bar"), job);
     const text = progressText(job);
     if ($("#job-progress-text").textContent !== text) $("#job-progress-text").textContent = text;
+    const p = job.progress || {};
+    const waiting = job.status === "queued" && p.waiting ? `Waiting: ${p.waiting}` : "";
+    $("#job-waiting").hidden = !waiting;
+    if ($("#job-waiting").textContent !== waiting) $("#job-waiting").textContent = waiting;
+    const resumed = p.resumed && p.resumed.layer && p.resumed.layers
+      ? `This attempt resumed at layer ${p.resumed.layer} of ${p.resumed.layers}: the layers before it came from its checkpoint.`
+      : "";
+    $("#job-resumed").hidden = !resumed;
+    if ($("#job-resumed").textContent !== resumed) $("#job-resumed").textContent = resumed;
+    renderWorkers(job);
     facts($("#job-facts"), [
       ["Owner", job.owner], ["Labels", Object.keys(job.labels || {}).length ? labelChips(job.labels) : null],
       ["Submitted", fmtTime(job.created_at)], ["Started", fmtTime(job.started_at)],
@@ -583,6 +621,7 @@
       ["Dataset", request.dataset ? `${request.dataset.source} (${request.dataset.num_samples} × ${request.dataset.seq_len} tokens, seed ${request.dataset.seed})` : null],
       ["Quality gate", request.eval ? `${request.eval.source}, max ratio ${request.eval.max_ppl_ratio}` : null],
       ["Webhook", request.webhook ? request.webhook.url : null],
+      ["Resources", resourcesText(request.resources)],
     ]);
     const recipe = typeof request.recipe === "string" ? request.recipe : JSON.stringify(request.recipe, null, 2);
     if ($("#job-recipe").textContent !== recipe) $("#job-recipe").textContent = recipe;
@@ -600,6 +639,11 @@
     $("#job-quality").replaceChildren(el("p", { class: "muted" }, "Perplexity appears when the job has been evaluated."));
     $("#job-artifacts").replaceChildren(el("p", { class: "muted" }, "Published when the job succeeds."));
     $("#job-cancel").hidden = true;
+    $("#job-waiting").hidden = true;
+    $("#job-resumed").hidden = true;
+    $("#job-workers-card").hidden = true;
+    $("#workers-body").replaceChildren();
+    delete $("#workers-body").dataset.signature;
     const state = jobState;
     poll(async () => {
       if (jobState !== state) return false;

@@ -9,12 +9,13 @@ Statuses and the transitions allowed between them::
     queued    -> running | cancelled | failed
     running   -> uploading | succeeded | failed | cancelled | queued   (re-queued after a lost worker: attempt + 1)
     uploading -> succeeded | failed | cancelled | queued   (the same; the manifest goes last, so nothing was published)
-    succeeded, failed, cancelled: terminal, never change again
+    succeeded, failed, cancelled: terminal; only ``retry`` queues a failed or cancelled job again (attempt + 1)
 
 An output folder belongs to one job: ``create_job`` claims it in the job's own transaction (``output_claims``),
 refusing a folder another job holds, one inside it or one around it (:class:`OutputClaimed`, HTTP 409). A failed
 or cancelled job releases its claim in the transaction that ends it; a succeeded job keeps it until the same
-tenant submits with ``overwrite``. A re-queued job keeps its claim and starts with empty progress and metrics.
+tenant submits with ``overwrite``. A re-queued job keeps its claim and starts with empty progress and metrics; a
+retried one (``retry``) claims its folder again, by the same rules, and keeps its metrics.
 
 Callers get plain :class:`Job` and :class:`Event` dataclasses, copied out of the session before it closes.
 All timestamps are timezone-aware UTC datetimes. Every method opens its own short transaction, so one
@@ -87,6 +88,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # unique index can express, so two overlapping claims must not be checked at the same time.
 _CLAIM_LOCK = 0x6C6C6D70
 RELEASES_CLAIM = frozenset({"failed", "cancelled"})
+RETRYABLE = frozenset({"failed", "cancelled"})  # ``retry`` queues these again as a new attempt
 
 
 class JobStoreError(Exception):
@@ -117,6 +119,24 @@ class OutputClaimed(JobStoreError):
         else:
             why = "another job publishes to this location (or a folder inside or around it); choose another output"
         super().__init__(f"{field}: {why}")
+
+
+class NotRetryable(JobStoreError):
+    """Only a failed or cancelled job is retried (HTTP 409); the message says what to do instead."""
+
+    def __init__(self, status: str, job_id: str | None = None):
+        self.status = status
+        self.job_id = job_id
+        job = f"job {job_id}" if job_id else "the job"
+        if status == "succeeded":
+            why = (f"{job} succeeded; a succeeded job is not retried: submit a new job (with overwrite to replace "
+                   "its output)")
+        elif status == "queued":
+            why = f"{job} is queued; only a failed or cancelled job is retried: this one runs when a worker is free"
+        else:
+            why = (f"{job} is {status}; only a failed or cancelled job is retried: wait for it to end, or cancel "
+                   "it first")
+        super().__init__(why)
 
 
 class InvalidTransition(JobStoreError, ValueError):
@@ -229,6 +249,24 @@ class OutputClaimRow(Base):
     # The succeeded job of the same tenant whose output this job replaces (``overwrite``), if any: only then may
     # the job's publisher replace a manifest it finds there.
     replaces: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class BlockCheckpointRow(Base):
+    """A finished block of a job's run (service.engine.block_checkpoints): its shard, already in the output location,
+    with the sha256 it was uploaded with, its report entries, and the fingerprint of the run that made it. Kept
+    across attempts and retries, so a job taken up again reuses its finished blocks; a cancel drops them."""
+
+    __tablename__ = "block_checkpoints"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    block: Mapped[int] = mapped_column(Integer, primary_key=True)
+    shard: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    fingerprint: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    report: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    attempt: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
@@ -754,6 +792,81 @@ class JobStore:
                     s.add(JobEventRow(job_id=job_id, created_at=now, type="cancel_requested", data={}))
             row = s.scalars(select(JobRow).where(*visible)).one_or_none()
             return _job(row) if row is not None else None
+
+    def retry(self, job_id: str, owner: str | None = None, admin: bool = False, *,
+              output_location: str | None = None) -> Job:
+        """Queue a failed or cancelled job again as its next attempt, and return it.
+
+        attempt + 1; error, report, started_at, finished_at and worker_ref cleared, cancel_requested false,
+        progress reset to {}; metrics are kept (a new attempt may resume from the layers already done). In the
+        same transaction the job claims ``output_location`` again (``storage.location_key``; it gave it up when it
+        ended) by ``create_job``'s rules: :class:`OutputClaimed` when another job took the folder meanwhile. A
+        ``status`` event and a ``retried`` event (``{"attempt": n}``) are recorded. :class:`NotRetryable` for a
+        job in any other status; :class:`JobNotFound` when there is none or it is not ``owner``'s (unless
+        ``admin``).
+        """
+        visible = [JobRow.id == job_id]
+        if owner is not None and not admin:
+            visible.append(JobRow.owner == owner)
+        now = _now()
+        with self.session() as s:
+            row = s.scalars(select(JobRow).where(*visible).with_for_update()).one_or_none()
+            if row is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            if row.status not in RETRYABLE:
+                raise NotRetryable(row.status, row.id)
+            if output_location is not None:
+                s.execute(delete(OutputClaimRow).where(OutputClaimRow.job_id == row.id))
+                self._claim(s, row.owner, output_location, row.id, bool((row.request or {}).get("overwrite")), now)
+            row.status, row.attempt, row.updated_at = "queued", row.attempt + 1, now
+            row.error = row.report = row.started_at = row.finished_at = row.worker_ref = None
+            row.cancel_requested, row.progress = False, {}
+            s.add(JobEventRow(job_id=row.id, created_at=now, type="status", data={"status": "queued"}))
+            s.add(JobEventRow(job_id=row.id, created_at=now, type="retried", data={"attempt": row.attempt}))
+            s.flush()
+            return _job(row)
+
+    # --- per-block checkpoints ------------------------------------------------------------------------------------
+
+    def record_checkpoint(self, job_id: str, attempt: int, block: int, *, shard: str, sha256: str, size: int,
+                          fingerprint: Mapping[str, str], report: Mapping[str, Any]) -> bool:
+        """Record (or replace) block ``block``'s checkpoint, only while the job is running or uploading in
+        ``attempt`` (a fenced write, like set_progress): False otherwise."""
+        now = _now()
+        with self.session() as s:
+            current = s.scalars(select(JobRow.attempt).where(JobRow.id == job_id, JobRow.status.in_(ACTIVE))
+                                .with_for_update()).one_or_none()
+            if current != attempt:
+                return False
+            s.execute(delete(BlockCheckpointRow).where(BlockCheckpointRow.job_id == job_id,
+                                                       BlockCheckpointRow.block == block))
+            s.add(BlockCheckpointRow(job_id=job_id, block=block, shard=shard, sha256=sha256, size=size,
+                                     fingerprint=_json_roundtrip(dict(fingerprint)),
+                                     report=_json_roundtrip(dict(report)), attempt=attempt, created_at=now))
+        return True
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's block checkpoints, by block index."""
+        with self.session(write=False) as s:
+            rows = s.scalars(select(BlockCheckpointRow).where(BlockCheckpointRow.job_id == job_id)
+                             .order_by(BlockCheckpointRow.block))
+            return [{"block": r.block, "shard": r.shard, "sha256": r.sha256, "size": r.size,
+                     "fingerprint": dict(r.fingerprint), "report": dict(r.report), "attempt": r.attempt}
+                    for r in rows]
+
+    def clear_checkpoints(self, job_id: str) -> int:
+        """Drop the job's block checkpoints (a run that starts over, or a cancel); how many there were."""
+        with self.session() as s:
+            return s.execute(delete(BlockCheckpointRow).where(BlockCheckpointRow.job_id == job_id)).rowcount
+
+    def set_waiting(self, job_id: str, reason: str | None) -> bool:
+        """Say why a queued job has not started (``progress.waiting``), or clear it; only while it is queued."""
+        progress = {"stage": "queued", "waiting": reason} if reason else {}
+        with self.session() as s:
+            result = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
+                               .values(progress=progress, updated_at=_now())
+                               .execution_options(synchronize_session=False))
+            return result.rowcount == 1
 
     def cancel_requested(self, job_id: str) -> bool:
         """Whether a cancel was requested (a worker asks this between layers)."""

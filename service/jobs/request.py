@@ -5,7 +5,8 @@ field) and again for the worker that runs the stored job. Its calibration is the
 (the fields the HTTP contract exposes, ``DATASET_FIELDS``), its quality gate carries an evaluation's bounds, and
 ``compression_options`` turns it, once the inputs are fetched, into the ``CompressionOptions`` the engine takes:
 no option is listed again between the request and the engine. ``to_dict`` is the form the job store keeps and the
-API shows back (defaults filled in).
+API shows back (defaults filled in). ``Resources`` says how many Ray workers a job runs on and what each takes;
+``cluster_fits`` is the one check of whether a cluster could ever hold them, for every dispatcher.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from service.engine.model_source import HUB_ID
 from service.engine.oneshot import needs_data
 from service.engine.options import (
     Calibration, CompressionOptions, EvalTokens, Evaluation, FieldError, NonEmpty, Options, PositiveRatio,
-    refuse_unknown,
+    _integer, refuse_unknown,
 )
 from service.jobs.outbound import Policy, Refused, check_url
 from service.jobs.settings import Settings
@@ -33,7 +34,8 @@ from service.recipes.recipe import RecipeError, load_recipe, recipe_summary
 DATASET_FIELDS = ("source", "num_samples", "seq_len", "seed")
 MAX_SECRET_CHARS = 1024
 EVAL_NAME = "eval"
-
+MAX_WORKERS = 64
+MAX_CPUS_PER_WORKER = 256
 
 
 def _settings(info: ValidationInfo) -> Settings | None:
@@ -119,6 +121,57 @@ class Webhook(Options):
         return value
 
 
+class Resources(Options):
+    """The Ray workers one job runs on: ``workers`` bundles of ``cpus_per_worker`` CPUs and ``gpus_per_worker``
+    GPUs, each bundle on one node."""
+
+    workers: Annotated[int, _integer(1, MAX_WORKERS)] = Field(
+        1, description=f"Ray workers the job runs on at once, 1 to {MAX_WORKERS}.")
+    gpus_per_worker: Annotated[int, _integer(0, 1)] | None = Field(
+        None, description="GPUs each worker takes, 0 or 1 (default: 1 when the cluster has a GPU, else 0).")
+    cpus_per_worker: Annotated[int, _integer(1, MAX_CPUS_PER_WORKER)] = Field(
+        1, description=f"CPUs each worker takes, 1 to {MAX_CPUS_PER_WORKER}.")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def cluster_fits(resources: Resources | None, nodes: Sequence[Mapping[str, float]]) -> None:
+    """Whether a cluster whose alive nodes have these total resources (``{"CPU": 8.0, "GPU": 1.0, ...}`` each, as
+    ``ray.nodes()[i]["Resources"]``) could ever hold the job's workers at once: each worker's bundle {CPU:
+    cpus_per_worker, GPU: gpus_per_worker} must fit on one node by itself, and the nodes together must hold
+    ``workers`` such bundles. None is the default request (one worker). Raises FieldError with ``field`` set
+    (``resources.workers``, ``resources.gpus_per_worker`` or ``resources.cpus_per_worker``) and a message that
+    starts with it, says what was asked for and what the cluster can hold; returns None when it fits."""
+    resources = resources or Resources()
+    has_gpu = any(node.get("GPU", 0) >= 1 for node in nodes)
+    gpus = resources.gpus_per_worker if resources.gpus_per_worker is not None else int(has_gpu)
+    cpus, workers = resources.cpus_per_worker, resources.workers
+    if gpus and not has_gpu:
+        field = "resources.gpus_per_worker"
+        raise FieldError(f"{field}: {_plural(gpus, 'GPU')} per worker was asked for, but the cluster has no GPU; "
+                         "use 0 or leave it out", field=field)
+    bundle = _plural(cpus, "CPU") + (f" and {_plural(gpus, 'GPU')}" if gpus else "")
+    # How many bundles each node holds by itself (a node without GPUs holds any number of GPU-less ones).
+    held = [min(int(node.get("CPU", 0) // cpus), int(node.get("GPU", 0) // gpus) if gpus else workers)
+            for node in nodes]
+    # gpus_per_worker left out on a GPU cluster means a GPU each: say how to run on CPUs instead.
+    hint = "; set gpus_per_worker to 0 to run the workers on CPUs" if gpus and resources.gpus_per_worker is None else ""
+    if nodes and not any(held):
+        field = "resources.cpus_per_worker"
+        largest = max(node.get("CPU", 0) for node in nodes if not gpus or node.get("GPU", 0) >= gpus)
+        where = "a node with a GPU" if gpus else "a node"
+        raise FieldError(f"{field}: workers of {bundle} each were asked for, but no node of the cluster has that "
+                         f"much by itself (a worker runs on one node; {where} has at most {largest:g} CPUs){hint}",
+                         field=field)
+    if sum(held) < workers:
+        field = "resources.workers"
+        asked = f"{_plural(workers, 'worker')} of {bundle} each {'was' if workers == 1 else 'were'} asked for"
+        raise FieldError(f"{field}: {asked}, but the cluster's nodes can hold at most {sum(held)} at once{hint}",
+                         field=field)
+
+
 class JobRequest(Options):
     """A compression job: which model, which recipe, calibrated on what, published where, gated how."""
 
@@ -130,6 +183,7 @@ class JobRequest(Options):
     webhook: Webhook | None = None
     labels: dict[str, str] | None = None
     overwrite: bool = False
+    resources: Resources | None = None
 
     @field_validator("model")
     @classmethod
@@ -208,7 +262,7 @@ class JobRequest(Options):
 
     def output_location(self, settings: Settings) -> str:
         """The output folder as the job store's claims spell it (``storage.location_key``)."""
-        return location_key(self.output, field="output", local_root=Path(settings.artifacts_root), confine=True)
+        return output_location(self.output, settings)
 
     def to_dict(self) -> dict:
         """The request as the job store keeps it and the API shows it: defaults filled in, absent fields left out."""
@@ -228,6 +282,17 @@ class JobRequest(Options):
         if self.eval is not None:
             evals = (Evaluation(name=EVAL_NAME, source=eval_source, max_tokens=self.eval.max_tokens),)
         return CompressionOptions(model=model, recipe=self.recipe, output=output, dataset=calibration, evals=evals)
+
+
+def output_location(output: str, settings: Settings) -> str:
+    """``output`` (a request's, as stored) as the job store's claims spell it: what a retried job claims again."""
+    return location_key(output, field="output", local_root=Path(settings.artifacts_root), confine=True)
+
+
+def stored_resources(request: Mapping[str, Any]) -> Resources | None:
+    """The resources of a stored request (``JobRequest.to_dict``), None when it asked for none."""
+    value = request.get("resources")
+    return Resources.parse(value) if value is not None else None
 
 
 REQUEST_FIELDS = tuple(JobRequest.model_fields)

@@ -314,7 +314,8 @@ def test_openapi_documents_every_route_with_examples(env):
     assert spec["components"]["securitySchemes"]["ApiKey"] == {
         "type": "http", "scheme": "bearer", "description": spec["components"]["securitySchemes"]["ApiKey"]["description"]}
     routes = {("post", "/v1/jobs"), ("get", "/v1/jobs"), ("get", "/v1/jobs/{job_id}"),
-              ("post", "/v1/jobs/{job_id}/cancel"), ("get", "/v1/jobs/{job_id}/events"),
+              ("post", "/v1/jobs/{job_id}/cancel"), ("post", "/v1/jobs/{job_id}/retry"),
+              ("get", "/v1/jobs/{job_id}/events"),
               ("get", "/v1/jobs/{job_id}/artifacts"), ("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
     documented = {(m, p) for p, ops in spec["paths"].items() for m in ops}
     assert routes <= documented
@@ -325,7 +326,7 @@ def test_openapi_documents_every_route_with_examples(env):
         assert any("example" in media for media in ok["content"].values()), path
         assert (op.get("security") == [{"ApiKey": []}]) == path.startswith("/v1"), path
     schemas = spec["components"]["schemas"]
-    for name in ("JobCreate", "Job", "JobList", "Event", "Manifest", "ArtifactsResponse"):
+    for name in ("JobCreate", "Job", "JobList", "Event", "Manifest", "ArtifactsResponse", "ResourcesSpec"):
         assert schemas[name].get("examples"), name
 
 

@@ -418,3 +418,53 @@ def test_another_key_sees_none_of_the_first_keys_jobs(page, server):
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_label("API key", exact=True)).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('llmpress.apiKey')") is None
+
+
+def test_a_job_page_shows_its_workers_where_it_resumed_and_what_it_waits_for(page, server):
+    """What the workers write into a job's progress (``workers``, ``resumed``; ``waiting`` while queued) and the
+    request's ``resources``, on the job page. The jobs are written straight into the server's store, as a worker
+    would, and never handed to Ray."""
+    from sqlalchemy import update
+
+    from service.jobs.job_store import JobRow, JobStore
+
+    recipe = (REPO / "service" / "recipes" / "sparsegpt_2of4.yaml").read_text()
+    workers = [{"rank": rank, "node_id": f"{rank + 10:x}" * 28, "node_ip": "127.0.0.1", "cpus": 1, "gpus": 0}
+               for rank in (1, 0)]  # in any order: the table goes by rank
+    waiting = "2 workers of 1 CPU each: the cluster has 1 CPU free now"
+    store = JobStore(f"sqlite:///{server.root / 'jobs.db'}")
+    try:
+        running, _ = store.create_job("alice", {
+            "model": "inputs/stories260K", "recipe": recipe, "output": "dash-workers",
+            "resources": {"workers": 2, "gpus_per_worker": 0, "cpus_per_worker": 1}})
+        assert store.transition(running.id, ["queued"], "running")
+        assert store.set_progress(running.id, {"stage": "compressing", "layer": 3, "layers": LAYERS, "fraction": 0.4,
+                                               "workers": workers, "resumed": {"layer": 3, "layers": LAYERS}})
+        queued, _ = store.create_job("alice", {"model": "inputs/stories260K", "recipe": recipe,
+                                               "output": "dash-waiting", "resources": {"workers": 2}})
+        with store.session() as s:  # what the dispatcher records of a job Ray has not started yet
+            s.execute(update(JobRow).where(JobRow.id == queued.id).values(progress={"waiting": waiting}))
+    finally:
+        store.close()
+
+    sign_in(page, server)
+    page.goto(f"{server.url}/#/jobs/{running.id}")
+    rows = page.locator("#workers-table tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.first.locator("td")).to_have_text(["0", workers[1]["node_id"], "127.0.0.1", "1", "0"])
+    expect(rows.last.locator("td")).to_have_text(["1", workers[0]["node_id"], "127.0.0.1", "1", "0"])
+    expect(page.locator("#job-resumed")).to_contain_text(f"resumed at layer 3 of {LAYERS}")
+    expect(page.locator("#job-waiting")).to_be_hidden()
+    expect(page.locator("#job-request")).to_contain_text("2 workers, 1 CPU each, 0 GPUs each")
+    page.set_viewport_size(PHONE)
+    expect(rows.first).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    screenshot(page, "job-workers-phone")
+    page.set_viewport_size(DESKTOP)
+
+    page.goto(f"{server.url}/#/jobs/{queued.id}")
+    expect(page.locator("#job-status")).to_have_text("queued")
+    expect(page.locator("#job-waiting")).to_have_text(f"Waiting: {waiting}")
+    expect(page.locator("#job-workers-card")).to_be_hidden()
+    expect(page.locator("#job-resumed")).to_be_hidden()
+    expect(page.locator("#job-request")).to_contain_text("2 workers, 1 CPU each, a GPU each if the cluster has one")

@@ -22,6 +22,7 @@ from service.jobs.job_store import (
     InvalidTransition,
     JobNotFound,
     JobStore,
+    NotRetryable,
     OutputClaimed,
 )
 from service.jobs.settings import Settings
@@ -533,3 +534,61 @@ def test_a_new_attempt_starts_with_its_own_progress(store):
     assert store.transition(job.id, ["running"], "queued")
     again = store.get(job.id)
     assert again.attempt == 2 and again.progress == {} and again.metrics == {}
+
+
+# --- retry --------------------------------------------------------------------------------------------------------
+
+
+def test_retry_queues_a_failed_or_cancelled_job_again_and_it_claims_its_folder(store):
+    job = claim(store, "alice", "s3://b/retry/")
+    drive(store, job.id, ["running"])
+    store.set_progress(job.id, {"stage": "compressing", "layer": 2, "layers": 5}, {"layers": {"1": {"loss": 0.1}}})
+    store.request_cancel(job.id, owner="alice")
+    assert store.transition(job.id, ["running"], "failed", error="the node went away", report={"totals": {}})
+    # Failed: the folder is free; another tenant takes it, and the retry is refused without changing the job.
+    taken = claim(store, "bob", "s3://b/retry/inner/")
+    with pytest.raises(OutputClaimed) as info:
+        store.retry(job.id, owner="alice", output_location="s3://b/retry/")
+    assert "bob" not in str(info.value) and taken.id not in str(info.value)
+    assert store.get(job.id).status == "failed" and store.get(job.id).attempt == 1
+    store.request_cancel(taken.id, owner="bob")
+
+    retried = store.retry(job.id, owner="alice", output_location="s3://b/retry/")
+    assert (retried.status, retried.attempt, retried.error, retried.report) == ("queued", 2, None, None)
+    assert retried.started_at is None and retried.finished_at is None and retried.worker_ref is None
+    assert not retried.cancel_requested and retried.progress == {}
+    assert retried.metrics == {"layers": {"1": {"loss": 0.1}}}  # kept: a new attempt may resume from them
+    assert store.get(job.id) == retried
+    assert [(e.type, e.data) for e in store.events(job.id)][-2:] == [("status", {"status": "queued"}),
+                                                                    ("retried", {"attempt": 2})]
+    assert store.output_claim(job.id) == ("s3://b/retry/", None)
+    with pytest.raises(OutputClaimed):
+        claim(store, "bob", "s3://b/retry/")
+    # The new attempt runs as any other: a worker of attempt 1 is fenced out.
+    assert not store.transition(job.id, ["queued"], "running", attempt=1)
+    assert store.transition(job.id, ["queued"], "running", attempt=2)
+    assert store.transition(job.id, ["running"], "cancelled")
+    assert store.retry(job.id, admin=True).attempt == 3  # a cancelled one too; without a location, no claim
+
+
+@pytest.mark.parametrize("status", ["queued", "running", "uploading", "succeeded"])
+def test_only_a_failed_or_cancelled_job_is_retried(store, status):
+    job = claim(store, "alice", f"s3://b/{status}/")
+    drive(store, job.id, PATH_TO[status])
+    with pytest.raises(NotRetryable) as info:
+        store.retry(job.id, owner="alice", output_location=f"s3://b/{status}/")
+    assert info.value.status == status and job.id in str(info.value)
+    if status == "succeeded":
+        assert str(info.value) == (f"job {job.id} succeeded; a succeeded job is not retried: submit a new job "
+                                   "(with overwrite to replace its output)")
+    assert store.get(job.id).status == status and store.get(job.id).attempt == 1
+
+
+def test_retry_of_another_tenants_job_or_none_is_not_found(store):
+    job = claim(store, "alice", "s3://b/mine/")
+    drive(store, job.id, ["failed"])
+    for job_id, owner in ((job.id, "bob"), ("nosuchjob123", "alice")):
+        with pytest.raises(JobNotFound):
+            store.retry(job_id, owner=owner)
+    assert store.get(job.id).status == "failed"
+    assert store.retry(job.id, owner="ops", admin=True).status == "queued"
