@@ -36,7 +36,8 @@ import ray
 from sqlalchemy.engine import make_url
 
 from service.jobs.job_runner import run_job
-from service.jobs.job_store import ACTIVE, Job, JobStore
+from service.jobs.job_store import ACTIVE, TERMINAL, Job, JobStore
+from service.jobs.request import cluster_fits, stored_resources
 from service.jobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,26 @@ def connect_ray(settings: Settings) -> None:
              log_to_driver=False, ignore_reinit_error=True, runtime_env=worker_runtime_env())
 
 
+def _pools(settings: Settings):
+    """The job runner's ``workers``: a job that asked for more than one worker gets the rest of its placement group
+    (this process is in its bundle 0); one worker runs in this process alone."""
+    from workers.ray_workers import RayPool
+
+    def make(resources):
+        if resources is None or resources.workers <= 1:
+            return None
+        group = ray.util.get_current_placement_group()
+        if group is None:
+            raise RuntimeError("a job with several workers runs in its placement group; this one runs outside it")
+        return RayPool(group, list(group.bundle_specs), start_timeout=settings.worker_start_timeout)
+
+    return make
+
+
 def _run(job_id: str, settings: Settings, input_roots: Sequence[Path], worker_ref: str) -> str | None:
-    """Run the job in this worker process; its final status (None: no such job)."""
+    """Run the job in this worker process; its final status (None: no such job). A job put back in the queue
+    because one of its workers was lost is taken up again here, in the same placement group (Ray re-places a lost
+    node's bundles), up to MAX_RETRIES times: it resumes from its per-block checkpoints."""
     store = JobStore(settings.database_url)
     try:
         job = store.get(job_id)
@@ -85,7 +104,11 @@ def _run(job_id: str, settings: Settings, input_roots: Sequence[Path], worker_re
             # Ray is retrying this very work after its worker died mid-job: the job is still marked as ours.
             log.warning("job %s: retrying after its worker was lost (attempt %d)", job_id, job.attempt)
             _take_back(store, job)
-        job = run_job(store, job_id, settings, worker_ref=worker_ref, input_roots=input_roots)
+        for _ in range(MAX_RETRIES + 1):
+            job = run_job(store, job_id, settings, worker_ref=worker_ref, input_roots=input_roots,
+                          workers=_pools(settings))
+            if job is None or job.status != "queued" or job.cancel_requested:
+                break
         return job.status if job is not None else None
     finally:
         store.close()
@@ -105,7 +128,33 @@ class JobActor:
         try:
             return _run(job_id, settings, input_roots, ACTOR_PREFIX + job_id)
         finally:
-            ray.actor.exit_actor()  # one job per actor: give its GPU or CPU back (a detached actor never ends alone)
+            # One job per actor: end it, to give its GPU or CPU back (a detached actor never ends alone), and with
+            # it the job's placement group (detached too, so nothing else would). Removing the group ends the
+            # actors in it, this one included. Not with exit_actor(): that fails the method it is called in, and
+            # Ray retries a failed method of an actor that may restart ("JobActor.run failed. There are 2 retries
+            # remaining"), running the job's method again on a fresh actor; a kill without restart ends it.
+            group = ray.util.get_current_placement_group()
+            if group is not None:
+                ray.util.remove_placement_group(group)
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+def placement_group_of(job_id: str):
+    """The job's placement group, or None."""
+    from ray.util import get_placement_group
+
+    from workers.ray_workers import PG_PREFIX
+
+    try:
+        return get_placement_group(PG_PREFIX + job_id)
+    except ValueError:
+        return None
+
+
+def remove_group(job_id: str) -> None:
+    group = placement_group_of(job_id)
+    if group is not None:
+        ray.util.remove_placement_group(group)
 
 
 # ------------------------------------------------------------------------------------------------- in the API
@@ -178,9 +227,59 @@ class RayDispatcher:
 
     # --- jobs ----------------------------------------------------------------------------------------------------
 
+    def check_resources(self, resources) -> None:
+        """Refuse (FieldError naming the field) workers the cluster's alive nodes could never hold at once. The
+        default request (one worker) is not checked: it waits for a free slot, as on a cluster that grows."""
+        if resources is None:
+            return
+        cluster_fits(resources, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
+
+    def _placement(self, job_id: str) -> dict:
+        """Ray options that put a job's own process in bundle 0 of its placement group (a job with several workers:
+        created here, all bundles or none, so half-placed jobs never hold a busy cluster), or one GPU or CPU."""
+        job = self.store.get(job_id)
+        resources = stored_resources(job.request) if job is not None else None
+        if resources is None or resources.workers <= 1:
+            options = _resources()
+            if resources is not None:
+                gpus = resources.gpus_per_worker if resources.gpus_per_worker is not None else options.get("num_gpus", 0)
+                options = {"num_cpus": resources.cpus_per_worker, **({"num_gpus": gpus} if gpus else {})}
+            self._say_waiting(job_id, [{"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0)}])
+            return options
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from workers.ray_workers import PG_PREFIX, job_bundles
+
+        bundles = job_bundles(resources, ray.cluster_resources().get("GPU", 0) >= 1)
+        group = placement_group_of(job_id)
+        if group is None:
+            # SPREAD: one worker per node where the nodes allow it (each brings its own memory and device);
+            # lifetime detached: it must outlive an API restart, as the job's detached actor does.
+            group = placement_group(bundles, strategy="SPREAD", name=PG_PREFIX + job_id,
+                                    lifetime="detached" if self.detached else None)
+        if not group.wait(timeout_seconds=0.5):
+            self._say_waiting(job_id, bundles)
+        first = bundles[0]
+        return {"num_cpus": first.get("CPU", 0), "num_gpus": first.get("GPU", 0),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)}
+
+    def _say_waiting(self, job_id: str, bundles: list[dict]) -> None:
+        """Record in the queued job why it has not started, when the cluster has no room for it right now."""
+        free = ray.available_resources()
+        need_cpu = sum(b.get("CPU", 0) for b in bundles)
+        need_gpu = sum(b.get("GPU", 0) for b in bundles)
+        if free.get("CPU", 0) >= need_cpu and free.get("GPU", 0) >= need_gpu and len(bundles) == 1:
+            return
+        what = f"{len(bundles)} worker{'s' if len(bundles) > 1 else ''} of {bundles[0].get('CPU', 0):g} CPU" + (
+            f" and {bundles[0].get('GPU', 0):g} GPU" if bundles[0].get("GPU") else "")
+        self.store.set_waiting(job_id, f"waiting for {what} to be free at once (the cluster has "
+                                       f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free now)")
+
     def submit(self, job_id: str) -> None:
-        """Hand the queued job to Ray and return at once; Ray starts it when a GPU (or CPU) is free."""
-        resources = _resources()
+        """Hand the queued job to Ray and return at once; Ray starts it when its GPUs (or CPUs) are free."""
+        self._let_previous_end(job_id)
+        resources = self._placement(job_id)
         args = (job_id, self.settings, self.input_roots)
         if self.detached:
             name = ACTOR_PREFIX + job_id
@@ -194,7 +293,32 @@ class RayDispatcher:
             self._forget_finished()
             if job_id in self._tasks:
                 return
-            self._tasks[job_id] = run_job_task.options(name=f"llmpress-job-{job_id}", **resources).remote(*args)
+            ref = self._tasks[job_id] = run_job_task.options(name=f"llmpress-job-{job_id}", **resources).remote(*args)
+        if "scheduling_strategy" in resources:
+            # Its placement group goes as soon as the job's task ends, so jobs waiting for room get it at once.
+            # Not from the callback itself: it runs on Ray's own thread, where a blocking Ray call deadlocks.
+            ref.future().add_done_callback(
+                lambda _: threading.Thread(target=remove_group, args=(job_id,), daemon=True).start())
+
+    def _let_previous_end(self, job_id: str, seconds: float = 10.0) -> None:
+        """A retried job's earlier work returns moments after the job ended: give it that moment, so the retry is
+        not taken for work already handed to Ray."""
+        import time
+
+        job = self.store.get(job_id)
+        if job is None or job.status != "queued" or job.attempt <= 1:
+            return
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.detached:
+                if self._actor(ACTOR_PREFIX + job_id) is None:
+                    return
+            else:
+                with self._lock:
+                    ref = self._tasks.get(job_id)
+                if ref is None or ray.wait([ref], timeout=0, fetch_local=False)[0]:
+                    return
+            time.sleep(0.1)
 
     def cancel(self, job_id: str) -> None:
         """Request the cancel in the store (a running job stops between layers); work that has not started yet
@@ -224,6 +348,7 @@ class RayDispatcher:
     def recover(self) -> None:
         """Take up what a previous run left: submit queued jobs again; re-attach running jobs whose Ray work is
         still there, re-queue (and submit) those whose work is gone."""
+        self.remove_stale_groups()
         for job in self.store.recoverable():
             if job.status == "queued":
                 self.submit(job.id)
@@ -259,9 +384,27 @@ class RayDispatcher:
             return None
 
     def _forget_finished(self) -> None:
-        """Drop the tasks that have ended (caller holds the lock)."""
+        """Drop the tasks that have ended, and their placement groups (caller holds the lock)."""
         if self._tasks:
             refs = list(self._tasks.values())
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
             finished = set(done)
+            for job_id, ref in self._tasks.items():
+                if ref in finished:
+                    remove_group(job_id)
             self._tasks = {job_id: ref for job_id, ref in self._tasks.items() if ref not in finished}
+
+    def remove_stale_groups(self) -> None:
+        """Remove the placement groups of jobs that have ended (their work could not remove them: a lost node, an
+        API restart in between)."""
+        from ray.util import placement_group_table
+
+        from workers.ray_workers import PG_PREFIX
+
+        for entry in placement_group_table().values():
+            name = entry.get("name") or ""
+            if not name.startswith(PG_PREFIX) or entry.get("state") == "REMOVED":
+                continue
+            job = self.store.get(name[len(PG_PREFIX):])
+            if job is None or job.status in TERMINAL:
+                remove_group(name[len(PG_PREFIX):])

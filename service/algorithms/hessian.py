@@ -36,14 +36,21 @@ def _check_columns(x: Tensor, columns: int, owner: str) -> None:
 
 
 class HessianAccumulator:
-    """fp32 ``H = 2/n * sum over all tokens of x x^T``, kept as a running mean.
+    """fp32 ``H = 2/n * sum over all tokens of x x^T``, kept as an fp64 sum.
 
     ``n`` counts *samples* (sequences): ``x.shape[0]`` for ``x`` of rank >= 3, 1 for a
     2-D ``x`` - exactly llm-compressor's convention, so our reported losses compare
     with its.
 
+    Each ``add`` computes its ``x^T x`` with fp32 GEMMs and adds it to an fp64 sum, so the
+    result does not depend on how the batches were grouped: workers that each sum their own
+    batches and merge (in any order) get the very bits of one pass over all of them, up to
+    fp64 rounding, which the final fp32 result does not show (a data-parallel run gives the
+    masks and quantized values of a single worker). It costs an fp64 copy of ``H`` while
+    calibrating and one fp32 add per batch, small next to the GEMM (tokens x columns^2).
+
     Attributes:
-        hessian: [columns, columns] fp32.
+        hessian: [columns, columns] fp32, symmetric (computed when read, then kept until the next add).
         num_samples: samples seen so far.
     """
 
@@ -51,18 +58,22 @@ class HessianAccumulator:
         if columns < 1:
             raise ValueError(f"columns must be >= 1; got {columns}")
         self.columns = columns
-        self._h = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self._lower_stale = False  # only the upper block-triangle is current; see add()
+        self._sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self._lower_stale = False  # only the upper block-triangle of _sum is current; see add()
+        self._hessian: Tensor | None = None
         self.num_samples = 0
 
     @property
     def hessian(self) -> Tensor:
         """[columns, columns] fp32, symmetric."""
         if self._lower_stale:
-            upper = torch.triu(self._h)
-            self._h = upper + torch.triu(upper, 1).T
+            upper = torch.triu(self._sum)
+            self._sum = upper + torch.triu(upper, 1).T
             self._lower_stale = False
-        return self._h
+        if self._hessian is None:
+            scale = 2.0 / self.num_samples if self.num_samples else 0.0
+            self._hessian = (self._sum * scale).to(torch.float32)
+        return self._hessian
 
     def add(self, x: Tensor) -> None:
         """Fold in activations ``x [..., columns]`` of any float dtype (any device)."""
@@ -70,33 +81,39 @@ class HessianAccumulator:
         added = _num_samples(x)
         if added == 0 or x.numel() == 0:
             return
-        old, new = self.num_samples, self.num_samples + added
-        tokens = x.reshape(-1, self.columns).to(device=self._h.device, dtype=torch.float32)
-        # H <- old/new * H + 2/new * X^T X, fused into the GEMMs. H is symmetric, so for wide inputs only the
-        # upper block-triangle is computed (row block i against columns i..end: a few wide GEMMs), and the lower
-        # half is mirrored when read: measured 1.35-1.5x faster at 1024 and 2816 columns on 2 CPU threads.
+        tokens = x.reshape(-1, self.columns).to(device=self._sum.device, dtype=torch.float32)
+        # H is symmetric, so for wide inputs only the upper block-triangle is computed (row block i against columns
+        # i..end: a few wide GEMMs), and the lower half is mirrored when read: measured 1.35-1.5x faster at 1024
+        # and 2816 columns on 2 CPU threads.
         step = self.columns // _TRIANGLE_BLOCKS if self.columns >= _TRIANGLE_MIN_COLUMNS else self.columns
         for start in range(0, self.columns, step):
             stop = min(start + step, self.columns)
-            self._h[start:stop, start:].addmm_(tokens[:, start:stop].T, tokens[:, start:], beta=old / new,
-                                               alpha=2.0 / new)
-        self._lower_stale = step < self.columns
-        self.num_samples = new
+            self._sum[start:stop, start:] += tokens[:, start:stop].T @ tokens[:, start:]
+        self._lower_stale = self._lower_stale or step < self.columns
+        self._hessian = None
+        self.num_samples += added
 
     def merge(self, other: "HessianAccumulator") -> None:
-        """Combine with another partial mean in place: the result equals one pass over both inputs."""
+        """Add another partial sum in place: the result equals one pass over both inputs."""
         if other.columns != self.columns:
             raise ValueError(f"cannot merge Hessians of {other.columns} and {self.columns} columns")
         if other.num_samples == 0:
             return
-        total = self.num_samples + other.num_samples
-        mine = self.hessian
-        mine.mul_(self.num_samples / total).add_(other.hessian.to(mine.device), alpha=other.num_samples / total)
-        self.num_samples = total
+        if self._lower_stale != other._lower_stale:  # both whole before adding
+            self.hessian, other.hessian  # noqa: B018 - mirrors the lower halves
+        self._sum += other._sum.to(self._sum.device)
+        self._hessian = None
+        self.num_samples += other.num_samples
+
+    def nbytes(self) -> int:
+        """Bytes of the state that travels when workers merge (the fp64 sum)."""
+        return self._sum.numel() * self._sum.element_size()
 
     def to(self, device: torch.device | str) -> "HessianAccumulator":
         """Move the state to ``device`` (in place); returns self for chaining."""
-        self._h = self._h.to(device)
+        self._sum = self._sum.to(device)
+        if self._hessian is not None:
+            self._hessian = self._hessian.to(device)
         return self
 
 

@@ -18,20 +18,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.engine.export import AtomicDirectory, ShardWriter, copy_side_files, sparsity_config, write_json
+from service.engine.export import (
+    AtomicDirectory, ShardWriter, copy_side_files, shard_name, sparsity_config, write_json,
+)
 from service.engine.model_source import StreamedModel, resolve_model_dir
+from service.engine.block_checkpoints import BlockCheckpoints, FinishedBlock, model_files_fingerprint, run_fingerprint
+from service.engine.data_parallel import WorkerPool
 from service.engine.oneshot import (
-    Progress, ReportBuilder, merge_reports, needs_data, quantizes, run_stage, stage_blocks, token_batches,
+    Progress, ReportBuilder, merge_reports, needs_data, quantizes, stage_blocks, token_batches,
 )
 from service.engine.options import CompressionOptions, Evaluation
-from service.engine.pipeline import execution_device
+from service.engine.pipeline import BlockResult, execution_device
 from service.recipes.recipe import load_recipe, recipe_summary
 
 log = logging.getLogger(__name__)
 
 
 class StreamedBlocks:
-    """Block weights read from the source checkpoint onto the device, written to an output shard, then freed.
+    """Block weights, once compressed, written to an output shard, then freed (the coordinator reads them from the
+    source checkpoint onto the device; service.engine.data_parallel rotates them).
 
     With ``quantized_format``, every quantized Linear is written in the compressed-tensors layout (packed
     integers, scales, zero points) instead of its fake-quantized weight, and its scheme is kept (``quantized``,
@@ -47,13 +52,6 @@ class StreamedBlocks:
         self.quantized: dict[str, nn.Module] = {}
         self.unquantized: list[str] = []
         self.online: dict[str, dict] = {}  # online rotations written: {"R3"|"R4": {module name: spec}}
-
-    def load(self, index, name, block, device):
-        self.source.load(self.source.parameter_names(name), device)
-        if self.rotation is not None:
-            from service.recipes.spinquant import rotate_block
-
-            rotate_block(block, name, index, self.rotation)
 
     def store(self, index, name, block, *, changed):
         names = self.source.parameter_names(name)
@@ -97,16 +95,35 @@ class StreamedBlocks:
 def _stream_stage(
     source_dir: Path, target_dir: Path, modifiers, tokens, device, *, mode, trust_remote_code, batch_size,
     report: ReportBuilder, on_shard: Callable[[Path, str], None] | None = None, quantized_format: bool = False,
+    workers: WorkerPool | None = None, checkpoint=None, checkpoints: BlockCheckpoints | None = None,
+    fingerprint: dict[str, str] | None = None, unsupported: str | None = None,
 ) -> dict:
     """One recipe stage from the checkpoint in ``source_dir`` to shards in ``target_dir``; what config.json must
     change: ``quantization_config`` (with ``quantized_format``, when something was quantized),
-    ``tie_word_embeddings`` (when a rotation untied the head)."""
-    source = StreamedModel(source_dir, trust_remote_code=trust_remote_code)
+    ``tie_word_embeddings`` (when a rotation untied the head).
+
+    The blocks run over ``workers`` (service.engine.data_parallel; one worker in this process without them); this
+    process is rank 0: it reads each block from the checkpoint (``checkpoint``: a reader of the source's tensors,
+    e.g. ranged GETs on S3; default the safetensors files in ``source_dir``), shares it, and writes its shard.
+    With ``checkpoints``, every finished block is recorded there and the leading blocks a run with the same
+    ``fingerprint`` finished before are replayed from their shards instead of compressed again (``unsupported``
+    says why this stage cannot resume, when it cannot)."""
+    from service.engine.data_parallel import BlockWorker, Coordinator, LocalWorkers, StageSpec
+
+    extra = {"checkpoint": checkpoint} if checkpoint is not None else {}
+    source = StreamedModel(source_dir, trust_remote_code=trust_remote_code, **extra)
     model = source.model
-    block_names = [name for name, _ in stage_blocks(model, modifiers)]
+    blocks = stage_blocks(model, modifiers)
+    block_names = [name for name, _ in blocks]
+    for modifier in modifiers:
+        modifier.check_layers(block_names)
+    report.total_blocks = len(blocks)
     outside = [n for n in source.keys if not any(n.startswith(b + ".") for b in block_names)]
     writer = ShardWriter(target_dir, num_shards=len(block_names) + 1, on_written=on_shard)
     source.load(outside, "cpu")  # embeddings, final norm, head: needed to capture the first block's inputs
+    size = workers.size if workers is not None else 1
+    # The other workers rotate their own copy: they get the weights as stored.
+    raw_outside = {n: model.get_parameter(n).detach().clone() for n in outside} if size > 1 else {}
     config_changes: dict = {}
     rotation = _streaming_rotation(model, modifiers)
     untied: list[str] = []
@@ -117,15 +134,73 @@ def _stream_stage(
             untied, source.tied = list(source.tied), {}  # the head has its own weight now: never re-tie it
             config_changes["tie_word_embeddings"] = False
 
-    def write_outside(blocks) -> None:
-        names = [*outside, *untied]
-        writer.write(0, {n: model.get_parameter(n) for n in names if n not in source.tied})
-        source.release(names)  # not needed while the blocks stream
+    batches = None
+    if needs_data(modifiers):
+        if tokens is None:
+            raise ValueError(
+                f"dataset: {', '.join(type(m).__name__ for m in modifiers)} needs calibration data; give a dataset"
+            )
+        batches = token_batches(tokens, batch_size)
+        if len(batches) < size:
+            # Every worker needs batches of its own: smaller ones (the same samples, so the same statistics up to
+            # float rounding).
+            if tokens.shape[0] < size:
+                raise ValueError(f"resources.workers: {size} workers need at least {size} calibration samples; "
+                                 f"dataset.num_samples is {tokens.shape[0]}")
+            batches = token_batches(tokens, -(-tokens.shape[0] // size))
+    local = BlockWorker(0, device, workers.exchange if workers is not None else None, model=model)
+    group = workers.open(local) if workers is not None else LocalWorkers([local])
+    coordinator = Coordinator(group, local, mode=mode)
+    coordinator.begin_stage(StageSpec(source.config, list(modifiers), rotation, trust_remote_code), batches,
+                            raw_outside)
+    del raw_outside
+    if batches is not None and not local.hidden:
+        raise ValueError("dataset: the calibration data yielded no batches")
+    names = [*outside, *untied]
+    writer.write(0, {n: model.get_parameter(n) for n in names if n not in source.tied})
+    source.release(names)  # not needed while the blocks stream
 
-    batches = token_batches(tokens, batch_size) if tokens is not None else None
+    def load(index: int, name: str) -> dict | None:
+        params = source.parameter_names(name)
+        source.load(params, device)
+        return {n: model.get_parameter(n) for n in params} if size > 1 else None
+
+    for k, modifier in enumerate(modifiers):
+        if getattr(modifier, "sparsity_profile", None) == "owl":
+            _owl_profile(coordinator, source, blocks, load, k, modifier)
     store = StreamedBlocks(source, writer, quantized_format=quantized_format, rotation=rotation)
-    run_stage(model, modifiers, batches, store, device, mode=mode, report=report,
-              before_blocks=write_outside, probe_store=StreamedBlocks(source, None, rotation=rotation))
+    finished = []
+    if checkpoints is not None:
+        finished = checkpoints.resume(fingerprint or {}, len(blocks), target_dir, unsupported)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=None)
+    try:
+        for index, (name, block) in enumerate(blocks):
+            start = time.perf_counter()
+            last = index == len(blocks) - 1
+            if index < len(finished):
+                _replay(coordinator, source, writer, finished[index], index, name, device, last=last)
+                result = BlockResult(outputs=[], modules=dict(finished[index].report.get("modules", {})))
+            else:
+                result = coordinator.run_block(index, load(index, name), last=last)
+                store.store(index, name, block, changed=bool(result.modules))
+            coordinator.release(index)
+            bar.set_postfix_str(name)
+            bar.update()
+            seconds = time.perf_counter() - start
+            if index < len(finished):
+                seconds = finished[index].report.get("layer", {}).get("seconds", seconds)
+            layer = report.layer_entry(index, name, result, seconds)
+            if checkpoints is not None and index >= len(finished):
+                # Before the progress callback, which may stop the run: a block written is a block kept.
+                shard = shard_name(index + 1, writer.num_shards)
+                checkpoints.finished(FinishedBlock(index, shard, target_dir / shard,
+                                                   {"layer": layer, "modules": result.modules}), fingerprint or {})
+            report.on_block(index, name, result, seconds)
+    finally:
+        bar.close()
+    coordinator.end_stage()
     writer.finish()
     if store.online:
         from service.engine.transform_export import DESCRIPTION_KEY, transform_config
@@ -146,6 +221,54 @@ def _stream_stage(
     if "transform_config" in config_changes:  # compressed-tensors keeps it inside the quantization config
         config["transform_config"] = config_changes.pop("transform_config")
     return {**config_changes, "quantization_config": config}
+
+
+def _replay(coordinator, source: StreamedModel, writer: ShardWriter, done: FinishedBlock, index: int, name: str,
+            device, *, last: bool) -> None:
+    """Block ``index`` from its checkpoint: its compressed weights, read from its shard, run forward on every worker
+    (the next block's inputs); the shard itself is taken into the output as it is."""
+    from safetensors.torch import load_file
+
+    from service.engine.model_source import set_tensor
+
+    tensors = load_file(str(done.path))
+    params = source.parameter_names(name)
+    missing = [n for n in params if n not in tensors]
+    if missing:
+        raise ValueError(f"the checkpoint of block {index} ({done.shard}) lacks {missing[:3]}")
+    for n in params:
+        set_tensor(source.model, n, tensors[n].to(device))
+    source._retie()
+    coordinator.replay_block(index, {n: tensors[n] for n in params} if coordinator.size > 1 else None, last=last)
+    writer.adopt(index + 1, done.path)
+    source.release(params)
+
+
+def _owl_profile(coordinator, source: StreamedModel, blocks, load, index: int, modifier) -> None:
+    """OWL: every block's outlier ratio on the dense model (a pass that writes nothing), turned into per-block
+    sparsities for the stage's modifier ``index`` on every worker; the workers then start again from their
+    captured inputs."""
+    from service.algorithms.owl import owl_sparsities
+
+    log.info("OWL: measuring outlier ratios of %d blocks on the dense model", len(blocks))
+    ratios = []
+    for i, (name, block) in enumerate(blocks):
+        coordinator.run_block(i, load(i, name), last=i == len(blocks) - 1, probe=True)
+        ratios.append(coordinator.local.probe_ratio())
+        coordinator.release(i)
+        if coordinator.local.rotation is not None:
+            from service.recipes.online_rotations import detach_online
+
+            detach_online(block)
+        source.release(source.parameter_names(name))
+    sparsities = owl_sparsities(ratios, modifier.target_sparsity, modifier.owl_lmbda)
+    log.info("OWL: outlier ratios %s -> sparsities %s", [round(r, 4) for r in ratios], [round(s, 4) for s in sparsities])
+    modifier.set_layer_sparsities(sparsities)
+    for rank in range(1, coordinator.size):
+        coordinator.workers.call({rank: ("set_layer_sparsities", (index, sparsities))})
+    from service.engine.data_parallel import each
+
+    each(coordinator.workers, "restart_from_capture")
 
 
 def _streaming_rotation(model: nn.Module, modifiers):
@@ -179,6 +302,9 @@ def compress_checkpoint(
     *,
     on_progress: Progress | None = None,
     on_shard: Callable[[Path, str], None] | None = None,
+    workers: WorkerPool | None = None,
+    checkpoint=None,
+    checkpoints: BlockCheckpoints | None = None,
 ) -> dict:
     """Compress ``options.model`` with ``options.recipe`` into the directory ``options.output``; the report.
 
@@ -187,7 +313,11 @@ def compress_checkpoint(
     ``sparsity_config`` when the recipe prunes), sharded safetensors and their index, tokenizer and generation
     files, recipe.yaml and compression_report.json. ``on_progress(event)`` gets a dict after every block;
     ``on_shard(path, name)`` each weight shard of the output as soon as it is complete (``path`` is in a temporary
-    folder that is renamed at the end: take the file at once, e.g. by a hard link).
+    folder that is renamed at the end: take the file at once, e.g. by a hard link). ``workers``: run each stage's
+    blocks data-parallel over them (service.engine.data_parallel); default one worker, in this process.
+    ``checkpoint``: a reader of the model's tensors (e.g. ranged GETs on S3), ``options.model`` then holding only
+    its config and tokenizer. ``checkpoints``: record each finished block there, and reuse the ones a run with the
+    same fingerprint finished before (service.engine.block_checkpoints).
     """
     from service.engine.calibration_data import calibration_tokens
     from service.engine.text_data import load_tokenizer
@@ -218,9 +348,18 @@ def compress_checkpoint(
             raise ValueError(f"recipe: {', '.join(final_only)} in stage {stage.name!r} must be in the last stage: "
                              "quantization and online rotations (R3, R4) are the final checkpoint's format")
 
+    fingerprint = unsupported = None
+    if checkpoints is not None:
+        fingerprint = run_fingerprint(
+            model=model_files_fingerprint(model_dir, checkpoint), recipe_yaml=recipe.to_yaml(), tokens=tokens,
+            batch_size=calibration.batch_size if calibration else None, pipeline=options.pipeline,
+            workers=workers.size if workers is not None else 1)
+        unsupported = _why_not_resumable(recipe)
+
     config_changes: dict = {}
     with AtomicDirectory(options.output, overwrite=options.overwrite) as out:
-        source_dir = _safetensors_source(model_dir, out.tmp, options.allow_pickle, trust)
+        source_dir = model_dir if checkpoint is not None else _safetensors_source(model_dir, out.tmp,
+                                                                                   options.allow_pickle, trust)
         parts: list[ReportBuilder] = []
         for k, stage in enumerate(recipe.stages):
             last = k == len(recipe.stages) - 1
@@ -229,7 +368,10 @@ def compress_checkpoint(
             changes = _stream_stage(source_dir, target, stage.modifiers, tokens, device, mode=options.pipeline,
                                     trust_remote_code=trust,
                                     batch_size=calibration.batch_size if calibration else None,
-                                    report=part, on_shard=on_shard if last else None, quantized_format=last)
+                                    report=part, on_shard=on_shard if last else None, quantized_format=last,
+                                    workers=workers, checkpoint=checkpoint if k == 0 else None,
+                                    checkpoints=checkpoints if last else None, fingerprint=fingerprint,
+                                    unsupported=unsupported)
             config_changes.update(changes)
             if source_dir.parent == out.tmp and source_dir.name.startswith(".stage-"):
                 shutil.rmtree(source_dir)
@@ -254,12 +396,26 @@ def compress_checkpoint(
         if options.evals:
             progress({"stage": "evaluating", "fraction": 1.0})
             report["perplexity"] = evaluate_pair(model_dir, out.tmp, tokenizer, options.evals, options.eval_seq_len,
-                                                 device, trust)
+                                                 device, trust, before_checkpoint=checkpoint)
         report["totals"]["wall_seconds"] = time.perf_counter() - started
         write_json(out.tmp / "compression_report.json", report)
         progress({"stage": "publishing", "fraction": 1.0})
         report["output"] = str(out.publish())
     return report
+
+
+def _why_not_resumable(recipe) -> str | None:
+    """Why a run of ``recipe`` cannot be taken up from per-block checkpoints (None: it can). A finished block is
+    replayed from its shard, so the shard must hold exactly the weights the run propagated with: true of pruned
+    and dense shards, not yet of packed quantized ones or of blocks with online rotations attached."""
+    if len(recipe.stages) > 1:
+        return "a recipe of several stages"
+    for modifier in recipe.modifiers():
+        if quantizes(modifier):
+            return f"quantized output ({type(modifier).__name__})"
+        if hasattr(modifier, "rotations"):
+            return f"rotations ({type(modifier).__name__})"
+    return None
 
 
 def _safetensors_source(model_dir: Path, workdir: Path, allow_pickle: bool, trust_remote_code: bool) -> Path:
@@ -291,7 +447,7 @@ def _finish_directory(model_dir: Path, target: Path, extra_config: dict) -> None
 
 
 def evaluate_pair(before_dir: Path, after_dir: Path, tokenizer, evals: Sequence[Evaluation], seq_len: int,
-                  device: torch.device, trust_remote_code: bool = False) -> dict:
+                  device: torch.device, trust_remote_code: bool = False, before_checkpoint=None) -> dict:
     """Perplexity of the dense and the compressed model on each evaluation text, each streamed block by block
     (evaluation needs no more memory than compression), quantized and online-rotated outputs included."""
     from service.engine.perplexity import perplexity_streamed
@@ -301,8 +457,8 @@ def evaluate_pair(before_dir: Path, after_dir: Path, tokenizer, evals: Sequence[
     for e in evals:
         ids = tokenize(tokenizer, read_texts(e.source), max_tokens=e.max_tokens)
         entry = results[e.name] = {"source": str(e.source), "tokens": int(len(ids))}
-        for key, directory in (("before", before_dir), ("after", after_dir)):
+        for key, directory, checkpoint in (("before", before_dir, before_checkpoint), ("after", after_dir, None)):
             entry[key] = perplexity_streamed(directory, ids, seq_len=seq_len, device=device,
-                                             trust_remote_code=trust_remote_code).ppl
+                                             trust_remote_code=trust_remote_code, checkpoint=checkpoint).ppl
         entry["ratio"] = entry["after"] / entry["before"]
     return results

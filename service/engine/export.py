@@ -60,6 +60,11 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
+# Bytes per element of the safetensors dtypes a shard may hold (from its header, without reading the data).
+_ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 class ShardWriter:
     """Writes numbered safetensors shards and, at the end, the index that maps every tensor to its shard."""
 
@@ -83,6 +88,23 @@ class ShardWriter:
             self.total_bytes += tensor.numel() * tensor.element_size()
         if self.on_written is not None:
             self.on_written(self.dir / name, name)
+
+    def adopt(self, index: int, path: Path) -> None:
+        """Take shard ``index``, already written (a finished block's checkpoint, put in place as ``path``), into the
+        index as it is: not written again and not handed to ``on_written``."""
+        from safetensors import safe_open
+
+        name = shard_name(index, self.num_shards)
+        if Path(path) != self.dir / name:
+            raise ValueError(f"shard {index} must lie at {self.dir / name}, not {path}")
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                tensor = handle.get_slice(key)
+                self.weight_map[key] = name
+                numel = 1
+                for dim in tensor.get_shape():
+                    numel *= dim
+                self.total_bytes += numel * _ITEM_BYTES[tensor.get_dtype()]
 
     def finish(self) -> None:
         """Write the index; shards that received no tensors are written empty so the numbering has no holes."""

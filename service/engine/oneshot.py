@@ -58,21 +58,28 @@ class ReportBuilder:
         self.total_blocks = total_blocks
         self.started = time.perf_counter()
 
-    def on_block(self, index: int, name: str, result: BlockResult, seconds: float) -> None:
+    @staticmethod
+    def layer_entry(index: int, name: str, result: BlockResult, seconds: float) -> dict:
+        """The report's entry for one block: its time, and the sparsity over its compressed modules."""
         pruned = total = 0
+        for entry in result.modules.values():
+            if "shape" in entry:
+                numel = entry["shape"][0] * entry["shape"][1]
+                total += numel
+                pruned += round(entry["sparsity"] * numel)
+        return {"index": index, "name": name, "seconds": seconds, "sparsity": pruned / total if total else 0.0,
+                "params": total}
+
+    def on_block(self, index: int, name: str, result: BlockResult, seconds: float) -> None:
         for module_name, entry in result.modules.items():
             if "shape" not in entry:
                 continue
-            numel = entry["shape"][0] * entry["shape"][1]
-            total += numel
-            pruned += round(entry["sparsity"] * numel)
             self.modules[module_name] = {"layer": index, **entry}
             log.info(
                 "%s: %s samples, loss %s, %.2f s, %.0f MB", module_name, entry.get("samples", "-"),
                 f"{entry['loss']:.4g}" if "loss" in entry else "-", entry["seconds"], entry["memory_mb"],
             )
-        layer = {"index": index, "name": name, "seconds": seconds, "sparsity": pruned / total if total else 0.0,
-                 "params": total}
+        layer = self.layer_entry(index, name, result, seconds)
         self.layers.append(layer)
         if self.on_progress is not None:
             self.on_progress({"stage": self.stage or "compressing", "layer": index + 1, "layers": self.total_blocks,

@@ -115,8 +115,10 @@ def perplexity_streamed(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
+    checkpoint=None,
 ) -> PerplexityResult:
-    """The same perplexity for a checkpoint directory, streamed block by block as compression is: only one
+    """The same perplexity for a checkpoint directory (its tensors read by ``checkpoint`` when given, e.g. ranged
+    GETs on S3), streamed block by block as compression is: only one
     block's weights (plus embeddings and head) are in memory, and the windows' hidden states travel from block
     to block. Equal to ``perplexity`` on the loaded model up to float rounding.
 
@@ -133,7 +135,8 @@ def perplexity_streamed(
 
     _check(token_ids, seq_len, batch_size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    source = StreamedModel(model_dir, trust_remote_code=trust_remote_code, compressed=True)
+    source = StreamedModel(model_dir, trust_remote_code=trust_remote_code, compressed=True,
+                           **({"checkpoint": checkpoint} if checkpoint is not None else {}))
     model = source.model
     online = getattr(source.config, DESCRIPTION_KEY, None)  # config.json's keys are the config's attributes
     if online:

@@ -323,50 +323,80 @@ def _two_pass_calibrate(block, hidden, calls, tasks, stats) -> None:
             handle.remove()
 
 
-def _one_pass(block, hidden, calls, tasks, stats, reports) -> list[torch.Tensor]:
-    from greenlet import greenlet, getcurrent
+class OnePassRun:
+    """One block's single forward, paused at each target module: every calibration batch runs in its own greenlet
+    and stops at a target module's pre-hook until the caller has solved that module, then all batches go on.
 
-    by_module = {id(t.module): t for t in tasks}
+    ``advance()`` runs every batch to its next pause and returns the module they all reached (None once every batch
+    is through the block; ``outputs`` then holds the block's output per batch). Used by ``run_block`` in one
+    process and by each worker of a data-parallel run (service.engine.data_parallel) on its share of the batches.
+    """
 
-    def pre_hook(module, args):
-        task = by_module[id(module)]
-        me = getcurrent()
-        stats.observe(me, task, args[0])
-        # Pause this batch until every batch has contributed to the module's statistic and it has been solved.
-        me.parent.switch(("module", task.name))
+    def __init__(self, block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall], tasks: list[Task],
+                 stats: BlockStatistics):
+        from greenlet import getcurrent, greenlet
 
-    def forward(h, call):
-        out = call(block, h)
-        stats.end_batch(getcurrent())
-        return ("done", out)
+        self.tasks = {t.name: t for t in tasks}
+        by_module = {id(t.module): t for t in tasks}
+        self.outputs: list[torch.Tensor] = []
 
-    handles = [t.module.register_forward_pre_hook(pre_hook) for t in tasks]
-    try:
-        batches = [greenlet(lambda h=h, call=call: forward(h, call)) for h, call in zip(hidden, calls)]
-        messages = [g.switch() for g in batches]
-        while True:
-            kinds = {m[0] for m in messages}
-            if kinds == {"done"}:
-                break
-            names = {m[1] for m in messages if m[0] == "module"}
-            if kinds != {"module"} or len(names) != 1:
-                raise PipelineError(
-                    "calibration batches took different paths through the block "
-                    f"({sorted(map(str, messages))[:4]}); use pipeline: two_pass for this model"
-                )
-            name = names.pop()
-            task = next(t for t in tasks if t.name == name)
-            if task.name in reports:
-                raise PipelineError(f"{task.name} is called twice per forward; use pipeline: two_pass for this model")
-            reports[task.name] = _compress(task, stats)
-            messages = [g.switch() for g in batches]
-    finally:
-        for handle in handles:
+        def pre_hook(module, args):
+            task = by_module[id(module)]
+            me = getcurrent()
+            stats.observe(me, task, args[0])
+            # Pause this batch until every batch has contributed to the module's statistic and it has been solved.
+            me.parent.switch(("module", task.name))
+
+        def forward(h, call):
+            out = call(block, h)
+            stats.end_batch(getcurrent())
+            return ("done", out)
+
+        self._handles = [t.module.register_forward_pre_hook(pre_hook) for t in tasks]
+        self._batches = [greenlet(lambda h=h, call=call: forward(h, call)) for h, call in zip(hidden, calls)]
+        self._reached: set[str] = set()
+
+    def advance(self) -> str | None:
+        messages = [g.switch() for g in self._batches]
+        kinds = {m[0] for m in messages}
+        if kinds == {"done"}:
+            self.outputs = [m[1] for m in messages]
+            self.close()
+            return None
+        names = {m[1] for m in messages if m[0] == "module"}
+        if kinds != {"module"} or len(names) != 1:
+            self.close()
+            raise PipelineError(
+                "calibration batches took different paths through the block "
+                f"({sorted(map(str, messages))[:4]}); use pipeline: two_pass for this model"
+            )
+        name = names.pop()
+        if name in self._reached:
+            self.close()
+            raise PipelineError(f"{name} is called twice per forward; use pipeline: two_pass for this model")
+        self._reached.add(name)
+        return name
+
+    def unreached(self) -> list[Task]:
+        """Targets the forward never reached (solved without a statistic, i.e. left dense with a warning)."""
+        return [t for name, t in self.tasks.items() if name not in self._reached]
+
+    def close(self) -> None:
+        for handle in self._handles:
             handle.remove()
-    for task in tasks:  # targets the forward never reached
-        if task.name not in reports:
-            reports[task.name] = _compress(task, stats)
-    return [m[1] for m in messages]
+        self._handles = []
+
+
+def _one_pass(block, hidden, calls, tasks, stats, reports) -> list[torch.Tensor]:
+    run = OnePassRun(block, hidden, calls, tasks, stats)
+    try:
+        while (name := run.advance()) is not None:
+            reports[name] = _compress(run.tasks[name], stats)
+    finally:
+        run.close()
+    for task in run.unreached():
+        reports[task.name] = _compress(task, stats)
+    return run.outputs
 
 
 # ------------------------------------------------------------------------------------------------------- the model

@@ -33,11 +33,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from service.engine.model_source import HUB_ID, CheckpointError
+from service.engine.data_parallel import WorkerLost, WorkerPool
+from service.jobs.checkpoints import JobCheckpoints
 from service.jobs.job_store import Job, JobStore
 from service.jobs.request import EVAL_NAME, JobRequest, local_input
 from service.jobs.request import input_roots as request_input_roots
@@ -48,6 +50,11 @@ from service.jobs.webhook import notify
 log = logging.getLogger(__name__)
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+
+# Makes the workers a job asked for (request.resources; None: one worker, in this process). The Ray layer gives one
+# (workers.ray_workers); the job runner itself knows nothing of Ray.
+WorkerPools = Callable[[Any], "WorkerPool | None"]
 
 
 class JobCancelled(Exception):
@@ -73,15 +80,22 @@ def _fetch_input(uri: str, dest: Path, field: str, roots: list[Path]) -> Path:
     return fetch(uri, dest, field=field, local_root=root, confine=True)
 
 
-def _resolve_model(model: str, dest: Path, roots: list[Path], settings: Settings) -> Path:
-    """A local model directory: downloaded from S3, a folder under the input roots, or a Hub snapshot."""
-    if not model.lower().startswith(("s3:", "file:")) and HUB_ID.match(model) and not os.path.isabs(model):
+def _resolve_model(model: str, dest: Path, roots: list[Path], settings: Settings):
+    """``(local model directory, reader of its tensors or None)``: a model on S3 is read in place, tensor by tensor
+    with ranged GETs (service.jobs.s3_checkpoint), and only its small files (config, tokenizer) are downloaded; a
+    folder under the input roots or a Hub snapshot is read from its own files."""
+    if model.lower().startswith("s3:"):
+        from service.jobs.s3_checkpoint import S3Checkpoint, fetch_side_files
+
+        checkpoint = S3Checkpoint(model)
+        return fetch_side_files(model, dest), checkpoint
+    if not model.lower().startswith("file:") and HUB_ID.match(model) and not os.path.isabs(model):
         if not any((root / model).exists() for root in roots):
-            return _hub_snapshot(model, settings)
+            return _hub_snapshot(model, settings), None
     path = _fetch_input(model, dest, "model", roots)
     if not path.is_dir():
         raise CheckpointError(f"model: '{model}' is a file; give the model's folder (config.json and weights)")
-    return path
+    return path, None
 
 
 def _hub_snapshot(repo_id: str, settings: Settings) -> Path:
@@ -127,12 +141,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _progress_callback(store: JobStore, job_id: str, attempt: int):
+def _progress_callback(store: JobStore, job_id: str, attempt: int, extra: dict | None = None):
     """on_progress for compress_checkpoint: record progress and per-layer/per-module metrics, and stop the run
-    (between layers) when the job was cancelled or is no longer ours."""
+    (between layers) when the job was cancelled or is no longer ours. ``extra`` (filled in as the run goes: its
+    workers, where it resumed) is part of every progress record."""
 
     def on_progress(event: dict) -> None:
         progress = {k: event[k] for k in ("stage", "layer", "layers", "fraction") if k in event}
+        progress.update(extra or {})
         delta = None
         if "block" in event:
             block = dict(event["block"])
@@ -231,13 +247,15 @@ def _manifest_extra(job_id: str, report: dict) -> dict:
     return _finite(extra)
 
 
-def _execute(store: JobStore, job: Job, settings: Settings, folder: Path, input_roots: list[Path]) -> bool:
+def _execute(store: JobStore, job: Job, settings: Settings, folder: Path, input_roots: list[Path],
+             workers: WorkerPools | None = None) -> bool:
     """Everything between running and succeeded; raises on any failure or on a cancel. False when the job was
     ended elsewhere during the upload (its output is then removed again)."""
     # The webhook is checked again where it is used (notify, before each delivery): a DNS hiccup now must not
     # fail a job whose webhook was accepted at submit.
     request = JobRequest.parse({k: v for k, v in job.request.items() if k != "webhook"}, settings)
-    on_progress = _progress_callback(store, job.id, job.attempt)
+    extra: dict = {}
+    on_progress = _progress_callback(store, job.id, job.attempt, extra)
     on_progress({"stage": "fetching", "fraction": 0.0})
 
     # Opening the publisher refuses a taken or unreachable output location now, not after the compression.
@@ -249,16 +267,26 @@ def _execute(store: JobStore, job: Job, settings: Settings, folder: Path, input_
     overwrite = bool(request.overwrite and claim is not None and claim[1] is not None)
     with Publisher(request.output, staging=folder / "staging", field="output", overwrite=overwrite,
                    local_root=Path(settings.artifacts_root), confine=True) as publisher:
-        return _compress_and_publish(store, job, request, publisher, folder, input_roots, on_progress, settings)
+        checkpoints = JobCheckpoints(store, job.id, job.attempt, publisher)
+        try:
+            return _compress_and_publish(store, job, request, publisher, folder, input_roots, on_progress, settings,
+                                         checkpoints=checkpoints, workers=workers, extra=extra)
+        except (JobCancelled, QualityGateFailed):
+            # Nothing of this job's run is worth keeping: no later attempt may reuse its blocks.
+            publisher.abort(discard_kept=True)
+            checkpoints.discard()
+            raise
 
 
 def _compress_and_publish(store: JobStore, job: Job, request: JobRequest, publisher: Publisher, folder: Path,
-                          input_roots: list[Path], on_progress, settings: Settings) -> bool:
+                          input_roots: list[Path], on_progress, settings: Settings, *,
+                          checkpoints: JobCheckpoints | None = None, workers: WorkerPools | None = None,
+                          extra: dict | None = None) -> bool:
     from service.engine.compress import compress_checkpoint
 
     job_id = job.id
     inputs = folder / "inputs"
-    model_dir = _resolve_model(request.model, inputs / "model", input_roots, settings)
+    model_dir, checkpoint = _resolve_model(request.model, inputs / "model", input_roots, settings)
     dataset_path = eval_path = None
     if request.dataset is not None:
         dataset_path = _fetch_input(request.dataset.source, inputs / "dataset", "dataset.source", input_roots)
@@ -271,8 +299,18 @@ def _compress_and_publish(store: JobStore, job: Job, request: JobRequest, publis
     output_dir = folder / "output"
     options = request.compression_options(model=model_dir, dataset=dataset_path, eval_source=eval_path,
                                           output=output_dir)
-    report = compress_checkpoint(options, on_progress=on_progress,
-                                 on_shard=lambda path, name: publisher.add(path, name))
+    extra = extra if extra is not None else {}
+    pool = workers(request.resources) if workers is not None else None
+    try:
+        if pool is not None:
+            extra["workers"] = pool.describe()
+        if checkpoints is not None:
+            checkpoints.on_resumed = lambda resumed: extra.update(resumed=resumed)
+        report = compress_checkpoint(options, on_progress=on_progress, workers=pool, checkpoint=checkpoint,
+                                     checkpoints=checkpoints, on_shard=lambda path, name: publisher.add(path, name))
+    finally:
+        if pool is not None:
+            pool.close()
     report.pop("output", None)  # the work folder, about to be removed
     report["source"] = {"model": request.model}
     if request.dataset is not None and report.get("calibration"):
@@ -290,7 +328,7 @@ def _compress_and_publish(store: JobStore, job: Job, request: JobRequest, publis
     if not store.transition(job_id, ["running"], "uploading", attempt=job.attempt, report=report):
         raise JobCancelled("the job is no longer running")
     # From here the job runs to the end: publishing cleans up after itself only when it fails.
-    store.set_progress(job_id, {"stage": "uploading", "fraction": 1.0}, attempt=job.attempt)
+    store.set_progress(job_id, _finite({"stage": "uploading", "fraction": 1.0, **extra}), attempt=job.attempt)
     manifest = publisher.finish(output_dir, _manifest_extra(job_id, report))
     report["output"] = manifest.uri
     artifacts = {"uri": manifest.uri, "manifest": manifest.to_dict()}
@@ -304,8 +342,10 @@ def _compress_and_publish(store: JobStore, job: Job, request: JobRequest, publis
             return False
         # Someone else ended the job while we uploaded: the output must not outlive it.
         log.warning("job %s ended elsewhere during upload; removing its published output", job_id)
-        publisher.abort()
+        publisher.abort(discard_kept=True)
         return False
+    if checkpoints is not None:
+        checkpoints.discard()  # published: the output is complete, no block is ever computed again
     return True
 
 
@@ -361,7 +401,8 @@ class _PatientStore:
 
 
 def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path | None = None,
-            worker_ref: str | None = None, input_roots: Sequence[str | Path] = ()) -> Job | None:
+            worker_ref: str | None = None, input_roots: Sequence[str | Path] = (),
+            workers: WorkerPools | None = None) -> Job | None:
     """Run the queued job ``job_id`` to succeeded, failed or cancelled, exactly once; the job as it ends up.
 
     If the job is not queued (another worker has it, it was cancelled, it is finished) nothing is done and the job
@@ -371,7 +412,9 @@ def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path |
 
     A KeyboardInterrupt or SystemExit (the worker being stopped) leaves a job without a cancel request in its
     status for recovery to re-queue, and is re-raised. A job store that cannot be reached is waited for (see
-    ``_PatientStore``).
+    ``_PatientStore``). ``workers(resources)`` makes the workers the job asked for; a worker lost mid-run
+    (``WorkerLost``) puts the job back in the queue (attempt + 1) for the caller to run again: it resumes from
+    its per-block checkpoints.
     """
     store = _PatientStore(store)
     if not store.transition(job_id, ["queued"], "running", worker_ref=worker_ref):
@@ -386,8 +429,16 @@ def run_job(store: JobStore, job_id: str, settings: Settings, *, workdir: Path |
         if input_roots:  # the request is checked again against the roots this worker may read
             settings = settings.model_copy(
                 update={"input_roots": (*settings.input_roots, *(str(root) for root in input_roots))})
-        if _execute(store, job, settings, folder, request_input_roots(settings)):
+        if _execute(store, job, settings, folder, request_input_roots(settings), workers):
             ended = "succeeded"
+    except WorkerLost as exc:
+        log.warning("job %s: %s; queued again to resume from its checkpoints", job_id, exc)
+        store.add_event(job_id, "worker_lost", {"attempt": job.attempt, "error": str(exc)[:500]})
+        if store.cancel_requested(job_id):
+            if store.transition(job_id, ["running", "uploading"], "cancelled", attempt=job.attempt):
+                ended = "cancelled"
+        else:
+            store.transition(job_id, ["running", "uploading"], "queued", attempt=job.attempt)
     except JobCancelled as exc:
         log.info("job %s stopped: %s", job_id, exc)
         if store.transition(job_id, ["running", "uploading"], "cancelled", attempt=job.attempt):

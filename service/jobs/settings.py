@@ -96,6 +96,9 @@ class Settings(BaseSettings):
             'Unset: a local Ray is started on this machine; "auto", ray://host:10001 or host:6379 joins a cluster.'
         ),
     )
+    worker_start_timeout: float = Field(
+        600.0, gt=0, description="Seconds a job with several workers waits for Ray to start them (after a lost node, "
+                                 "for its placement group's bundle to be placed again) before it gives up the attempt.")
     hub_offline: bool = Field(
         False,
         validation_alias=AliasChoices("LLMPRESS_HUB_OFFLINE", "HF_HUB_OFFLINE"),

@@ -895,6 +895,10 @@ class Publisher:
         self._manifest_token = None  # set once our manifest exists: abort() deletes it only while it is ours
         self._failed: BaseException | None = None
         self._done = False
+        # Keys that are a finished block's checkpoint (service.jobs.checkpoints): abort() leaves them for the job's
+        # next attempt, unless told to discard everything (a cancel).
+        self.kept: set[str] = set()
+        self._awaited: set[str] = set()  # keys with a when_uploaded callback: a failed run still finishes them
 
     def __enter__(self) -> Publisher:
         return self
@@ -903,6 +907,28 @@ class Publisher:
         if exc_type is not None and not self._done:
             self.abort()
         self._close()
+
+    def adopt(self, entry: FileEntry) -> None:
+        """Take a file an earlier attempt of the same job uploaded (``entry`` as it was uploaded, its sha256 checked
+        by the caller) into this output as it is: listed in the manifest, not uploaded again."""
+        from concurrent.futures import Future
+
+        check_key(entry.key, self.field)
+        if entry.key in self._uploads:
+            raise _bad(self.field, f"'{entry.key}' was added twice")
+        done: Future = Future()
+        done.set_result(entry)
+        self._uploads[entry.key] = done
+        self.kept.add(entry.key)
+
+    def when_uploaded(self, key: str, callback) -> None:
+        """Call ``callback(entry)`` (in the upload thread) once ``key``, added before, is uploaded; not on failure."""
+        def done(future):
+            if not future.cancelled() and future.exception() is None:
+                callback(future.result())
+
+        self._awaited.add(key)
+        self._uploads[key].add_done_callback(done)
 
     def add(self, path: str | Path, key: str) -> None:
         """Upload the finished file ``path`` to ``key`` soon, in the background; raises the error of an earlier
@@ -957,20 +983,28 @@ class Publisher:
         log.info("published %d files (%d bytes) to %s", len(manifest.files), manifest.total_size, self.store.uri())
         return manifest
 
-    def abort(self) -> None:
+    def abort(self, *, discard_kept: bool = False) -> None:
         """Stop uploading and delete what this publisher wrote: the manifest if it is still ours, then every key
-        whose upload it started; also after ``finish``, to take back an output whose job was ended elsewhere."""
-        for future in self._uploads.values():
-            future.cancel()
+        whose upload it started; also after ``finish``, to take back an output whose job was ended elsewhere.
+        Checkpointed keys (``kept``) stay for the job's next attempt unless ``discard_kept`` (then adopted ones
+        go too)."""
+        for key, future in self._uploads.items():
+            # A failed run's finished blocks still reach the output (their checkpoints with them): a retry then
+            # does not compute them again. A cancel sends nothing more.
+            if discard_kept or key not in self._awaited:
+                future.cancel()
         self._pool.shutdown(wait=True)
+        started = set(self._started) | (self.kept if discard_kept else set())
+        if not discard_kept:
+            started -= self.kept
         try:
             # The manifest first: once it is gone nothing vouches for files about to disappear.
             if self._manifest_token is not None:
                 self.store._delete_own(MANIFEST_NAME, self._manifest_token)
                 self._manifest_token = None
             # Every key we began to write, not only those known to be done: a failed upload may have landed.
-            if self._started:
-                self.store.delete_keys(sorted(set(self._started)))
+            if started:
+                self.store.delete_keys(sorted(started))
         except Exception as cleanup:  # noqa: BLE001 - the original error matters more; say the cleanup failed
             log.warning("publish to %s failed and its cleanup failed too: %s", self.store.uri(), cleanup)
         self._done = True

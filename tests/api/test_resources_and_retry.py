@@ -222,7 +222,7 @@ def test_worker_progress_passes_through_to_the_response(env):
     env.store.set_progress(job["id"], {"stage": "compressing", "layer": 3, "layers": 5, "fraction": 0.4,
                                        "workers": workers, "resumed": {"layer": 3, "layers": 5}})
     progress = env.http.get(f"/v1/jobs/{job['id']}", headers=auth("alice")).json()["progress"]
-    assert progress["workers"] == workers and progress["resumed"] == {"layer": 3, "layers": 5}
+    assert progress["workers"] == [{**w, "device": None} for w in workers] and progress["resumed"] == {"layer": 3, "layers": 5}
     assert progress["waiting"] is None
 
 

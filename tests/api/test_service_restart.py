@@ -51,14 +51,16 @@ def service_env(root: Path) -> dict:
 class Serve:
     """`python -m api.cli serve` as a child process, up when /readyz answers 200."""
 
-    def __init__(self, root: Path, port: int, *, timeout: float = 120.0, new_session: bool = False):
-        """``new_session``: the service leads a session of its own, so all it starts can be found by session id."""
+    def __init__(self, root: Path, port: int, *, timeout: float = 120.0, new_session: bool = False,
+                 env: dict | None = None):
+        """``new_session``: the service leads a session of its own, so all it starts can be found by session id.
+        ``env``: more environment variables (RAY_ADDRESS: join that cluster instead of starting a local Ray)."""
         self.root, self.port = root, port
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(root / f"serve-{time.monotonic_ns()}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], cwd=root,
-                                     env=service_env(root), stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=new_session)
+                                     env={**service_env(root), **(env or {})}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=new_session)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,6 +1,7 @@
 """How a job hit by a fault must end: in the right terminal state, exactly once, and with its output either
-complete (a manifest listing exactly the files present, every sha256 matching) or absent (no manifest, none of its
-files)."""
+complete (a manifest listing exactly the files present, every sha256 matching) or absent (no manifest, and none of
+its files but the shards of the blocks it finished, kept, unpublished, for a retry to resume from: each one what
+its checkpoint in the job store recorded)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,14 @@ def check_s3_output(s3, bucket: str, prefix: str, job_id: str) -> dict:
         data = s3.get_object(Bucket=bucket, Key=prefix + f["key"])["Body"].read()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (f["size"], f["sha256"]), f["key"]
     return manifest
+
+
+def kept_for_retry(store: JobStore, job_id: str, read) -> set[str]:
+    """The shards a failed job keeps for a retry (its block checkpoints), after checking that each is there with
+    the sha256 recorded; ``read(key)`` gives a stored file's bytes."""
+    kept = set()
+    for checkpoint in store.checkpoints(job_id):
+        data = read(checkpoint["shard"])
+        assert hashlib.sha256(data).hexdigest() == checkpoint["sha256"], checkpoint["shard"]
+        kept.add(checkpoint["shard"])
+    return kept

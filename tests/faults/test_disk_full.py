@@ -20,7 +20,7 @@ import pytest
 from service.jobs.job_runner import run_job
 from service.jobs.job_store import JobStore
 from service.jobs.settings import Settings
-from tests.faults.outcome import finished_once, local_files
+from tests.faults.outcome import finished_once, kept_for_retry, local_files
 from tests.fixture_paths import FIXTURES, STORIES, WIKI_VALID
 from tests.tiny_models import RECIPE_2OF4
 
@@ -73,8 +73,11 @@ def test_a_full_artifacts_folder_fails_the_job_and_leaves_nothing_published(tmp_
             assert job.status == "failed", job.status
             check_disk_full_error(job.error, "runs/full")  # the output, as requested
             finished_once(store, job.id, "failed")
-            # No manifest, no shard that fitted, no temporary file of the copy that did not.
-            assert not local_files(artifacts), sorted(local_files(artifacts))
+            # No manifest, no temporary file of the copy that did not fit, and of the shards that fitted only the
+            # finished blocks' (kept for a retry).
+            out = artifacts / "runs" / "full"
+            kept = kept_for_retry(store, job.id, lambda key: (out / key).read_bytes())
+            assert local_files(artifacts) == {f"runs/full/{key}" for key in kept}, sorted(local_files(artifacts))
         assert not local_files(tmp_path / "work")
     finally:
         store.close()
@@ -91,7 +94,9 @@ def test_a_full_work_folder_fails_the_job_and_leaves_nothing_published(tmp_path)
             check_disk_full_error(job.error, str(work))
             finished_once(store, job.id, "failed")
             assert not local_files(work), sorted(local_files(work))  # the work folder is removed
-        # The shards that were published before the disk filled up are deleted again.
-        assert not local_files(artifacts), sorted(local_files(artifacts))
+        # Of the shards uploaded before the disk filled up, only the finished blocks' stay (for a retry).
+        out = artifacts / "runs" / "full"
+        kept = kept_for_retry(store, job.id, lambda key: (out / key).read_bytes())
+        assert local_files(artifacts) == {f"runs/full/{key}" for key in kept}, sorted(local_files(artifacts))
     finally:
         store.close()

@@ -6,7 +6,8 @@ worker_ref, re-queues it (attempt 2) and runs it to ``succeeded`` once. A killed
 group: the serve process, GCS, raylet and agents): its local Ray dies with it, the job's worker too, a second or
 two later, when it sees its raylet gone (workers have process groups of their own); nothing of its session is left.
 The restarted service finds the job running under a worker that is gone, re-queues it (attempt 2), and it succeeds
-once, its progress that of the new attempt from the start.
+once: it resumes after the blocks the killed attempt finished (their shards and checkpoints survive the kill) and
+publishes the bytes of an uninterrupted run.
 
 Both share one service (starting one costs 10-20 s here): the worker test runs on it, the service test kills it.
 """
@@ -115,7 +116,7 @@ def test_killing_the_worker_mid_job_has_ray_run_it_again_once(service, store, ro
 
 def test_killing_the_service_mid_job_and_starting_it_again_finishes_the_job_once(service, store, root):
     job_id = submit(service.url, "runs/service-killed", SERVICE_KILL_SAMPLES)
-    running_at_layer(store, job_id, 1)
+    running_at_layer(store, job_id, 2)  # blocks 0 and 1 done: their shards uploaded and checkpointed
     before = set(service.processes())
     assert any(cmd.startswith(f"ray::llmpress-job-{job_id}") for cmd in service.processes().values())
     left = service.kill()  # kill -9 of the process group
@@ -139,12 +140,22 @@ def test_killing_the_service_mid_job_and_starting_it_again_finishes_the_job_once
         assert done["status"] == "succeeded", done["error"]
         time.sleep(1.0)
         assert get_job(second.url, job_id)["status"] == "succeeded"
+        # The same request, uninterrupted, for the bytes to compare with.
+        reference = submit(second.url, "runs/service-reference", SERVICE_KILL_SAMPLES)
+        assert wait_done(second.url, reference)["status"] == "succeeded"
     finally:
         assert second.stop(), second.output()
 
     job = finished_once(store, job_id, "succeeded")
     assert job.attempt == 2
     assert statuses(store, job_id) == REQUEUED
+    # The new attempt took up the killed one's finished blocks (replayed, not compressed again) and reported
+    # every layer, in order.
+    resumed = [e.data for e in store.events(job_id) if e.type == "resumed"]
+    assert len(resumed) == 1 and 3 <= resumed[0]["layer"] <= left_at + 1, (resumed, left_at)
     assert layers_after_requeue(store, job_id) == list(range(1, LAYERS + 1))
-    check_local_output(folder, job_id)
+    manifest = check_local_output(folder, job_id)
+    expected = check_local_output(root / "artifacts" / "runs" / "service-reference", reference)
+    weights = {f["key"]: f["sha256"] for f in manifest["files"] if f["key"].endswith(".safetensors")}
+    assert weights == {f["key"]: f["sha256"] for f in expected["files"] if f["key"].endswith(".safetensors")}
 

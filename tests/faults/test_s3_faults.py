@@ -23,7 +23,7 @@ from service.jobs.job_runner import run_job
 from service.jobs.job_store import JobStore
 from service.jobs.settings import Settings
 from service.jobs.storage import MANIFEST_NAME, MAX_ATTEMPTS
-from tests.faults.outcome import check_s3_output, finished_once, s3_keys
+from tests.faults.outcome import check_s3_output, finished_once, kept_for_retry, s3_keys
 from tests.fixture_paths import FIXTURES, STORIES, WIKI_VALID
 from tests.s3_fault_proxy import FaultProxy, after, first_put_of, share
 from tests.tiny_models import RECIPE_2OF4
@@ -88,9 +88,11 @@ def test_uploads_failing_for_good_fail_the_job_and_publish_nothing(jobs, s3):
     key = failed_path.split(f"/{BUCKET}/", 1)[1]
     assert f"s3://{BUCKET}/{key}" in job.error and "InternalError" in job.error, job.error
     finished_once(jobs.store, job.id, "failed")
-    # No manifest, and the three shards that did land are deleted again.
+    # No manifest; of the three shards that did land only the finished blocks' stay, for a retry to resume from.
+    kept = kept_for_retry(jobs.store, job.id,
+                          lambda key: s3.get_object(Bucket=BUCKET, Key="out/broken/" + key)["Body"].read())
     left = s3_keys(s3, BUCKET, "out/broken/")
-    assert not left, f"left published after the failure: {sorted(left)}"
+    assert MANIFEST_NAME not in left and left == kept, f"left after the failure: {sorted(left)}"
 
 
 def test_a_lost_reply_to_the_manifest_upload_still_publishes_once(jobs, s3):

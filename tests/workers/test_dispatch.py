@@ -199,3 +199,22 @@ def test_start_ready_and_stop_own_a_local_ray(tmp_path, local_ray):
 def test_an_in_memory_database_is_refused():
     with pytest.raises(ValueError, match="in-memory SQLite"):
         RayDispatcher(JobStore("sqlite://"), Settings(database_url="sqlite://"))
+
+
+def test_a_job_waiting_for_its_workers_stays_queued_with_a_reason_and_runs_once_they_free(env):
+    store, settings, dispatcher = env
+    first, _ = store.create_job("alice", {**request("runs/gang-1", num_samples=256), "resources": {"workers": 2}})
+    dispatcher.submit(first.id)
+    wait_for(store, first.id, lambda j: j.status == "running")
+    second, _ = store.create_job("alice", {**request("runs/gang-2"), "resources": {"workers": 2}})
+    dispatcher.submit(second.id)  # both CPUs are held by the first job's placement group
+    waiting = store.get(second.id)
+    assert waiting.status == "queued"
+    assert waiting.progress["waiting"].startswith("waiting for 2 workers of 1 CPU to be free at once"), waiting.progress
+    first = wait_for(store, first.id, timeout=180)
+    assert first.status == "succeeded", first.error
+    assert [w["rank"] for w in first.progress["workers"]] == [0, 1]
+    # The first job's placement group went with it: the second gets both CPUs and runs.
+    second = wait_for(store, second.id, timeout=120)
+    assert second.status == "succeeded", second.error
+    assert statuses(store, second.id) == ["queued", "running", "uploading", "succeeded"]
