@@ -130,14 +130,44 @@ def _serve(args) -> int:
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=updates)
     Path(settings.artifacts_root).mkdir(parents=True, exist_ok=True)
+    # The port first, before Ray: a local Ray starts a dozen processes that each take a free port of their own (its
+    # metrics agent among them), and one of them could take ours while it is still unbound. A port already in use
+    # is then an error at once, not after Ray started; port 0 takes a free one, which the log line below names.
+    sock = _listen(settings.host, settings.port)
+    settings = settings.model_copy(update={"port": sock.getsockname()[1]})
+    print(f"llmpress serve: listening on http://{_url_host(settings.host)}:{settings.port}", flush=True)
     # Ray from the main thread and before uvicorn: uvicorn then installs its own SIGTERM/SIGINT handlers over
     # Ray's (which would exit at once), so a stop signal shuts the API down gracefully.
     connect_ray(settings)
     try:
-        uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
+        config = uvicorn.Config(build_app(settings), host=settings.host, port=settings.port, log_level="info")
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
+        sock.close()
         ray.shutdown()
     return 0
+
+
+def _listen(host: str, port: int):
+    """A listening TCP socket on ``host``:``port`` (an IPv6 address when ``host`` has a colon), or SystemExit naming
+    the address when it cannot be had."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As uvicorn binds: a restarted server may take its port while the old connections are in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"llmpress serve: error: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 DEMO_GATE = 2.0  # max perplexity ratio of the demo's quality gate: SparseGPT 2:4 on stories260K gives about 1.5

@@ -84,7 +84,8 @@ class Settings(BaseSettings):
         ),
     )
     host: str = Field("127.0.0.1", description="Interface `llmpress serve` listens on; 0.0.0.0 for all interfaces.")
-    port: int = Field(8000, ge=1, le=65535, description="TCP port `llmpress serve` listens on.")
+    port: int = Field(8000, ge=0, le=65535,
+                      description="TCP port `llmpress serve` listens on; 0: a free one, named in its log.")
     max_request_bytes: int = Field(
         1024 * 1024, gt=0, description="Largest accepted HTTP request body in bytes (default 1 MiB); larger is a 413."
     )

@@ -1,6 +1,6 @@
 """The web dashboard in headless Chromium, against a real ``llmpress serve`` with real Ray running stories260K jobs.
 
-One server (a subprocess of ``python -m api.cli serve`` on a free loopback port, SQLite store, artifacts folder and
+One server (a subprocess of ``python -m api.cli serve`` on a free loopback port it takes itself, SQLite store, artifacts folder and
 API keys in a temporary folder) and one browser serve the whole module. The tests run in file order and share two
 jobs: one submitted through the form that runs to ``succeeded``, one submitted slow enough to be cancelled.
 
@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.api.test_service_restart import LISTENING, is_ready
 from tests.fixture_paths import FIXTURES, REPO, STORIES
 
 CALIB = FIXTURES / "data" / "wikitext-2" / "valid.txt"
@@ -40,12 +40,6 @@ try:
     from playwright.sync_api import expect, sync_playwright
 except ImportError:  # pragma: no cover - depends on the machine
     sync_playwright = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -68,7 +62,6 @@ def server(tmp_path_factory):
     shutil.copytree(STORIES, inputs / "stories260K")
     shutil.copy(CALIB, inputs / "valid.txt")
     shutil.copy(EVAL_TEXT, inputs / "eval.txt")
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMPRESS_", "RAY_"))}
     env.update({
         "LLMPRESS_DATABASE_URL": f"sqlite:///{root / 'jobs.db'}",
@@ -80,20 +73,21 @@ def server(tmp_path_factory):
     log_path = root / "serve.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", "0"],
             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
+    url = None
     try:
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
                 pytest.fail(f"llmpress serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            # Port 0: the service takes a free port before it starts Ray (whose processes take free ports of their
+            # own) and names it in its log.
+            if url is None and (found := LISTENING.search(log_path.read_bytes())):
+                url = found.group(1).decode()
+            if url is not None and is_ready(url):
+                break
             if time.monotonic() > deadline:
                 pytest.fail(f"llmpress serve was not ready in 120 s:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.25)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,10 +34,13 @@ KEY = "restart-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def is_ready(url: str) -> bool:
+    """Whether the llmpress API at ``url`` answers ready (its own JSON, not just any 200 from whatever listens)."""
+    try:
+        response = httpx.get(f"{url}/readyz", timeout=2)
+        return response.status_code == 200 and response.json().get("status") == "ready"
+    except (httpx.HTTPError, ValueError):
+        return False
 
 
 def service_env(root: Path) -> dict:
@@ -48,28 +52,34 @@ def service_env(root: Path) -> dict:
     return env
 
 
-class Serve:
-    """`python -m api.cli serve` as a child process, up when /readyz answers 200."""
+LISTENING = re.compile(rb"llmpress serve: listening on (http://\S+)")
 
-    def __init__(self, root: Path, port: int, *, timeout: float = 120.0, new_session: bool = False,
+
+class Serve:
+    """`python -m api.cli serve` as a child process, up when /readyz answers that it is ready.
+
+    Port 0 (the default): the service takes a free port itself, before it starts its local Ray, and names it in its
+    log; a port picked here and handed over could be taken meanwhile by one of the many processes Ray starts."""
+
+    def __init__(self, root: Path, port: int = 0, *, timeout: float = 120.0, new_session: bool = False,
                  env: dict | None = None):
         """``new_session``: the service leads a session of its own, so all it starts can be found by session id.
         ``env``: more environment variables (RAY_ADDRESS: join that cluster instead of starting a local Ray)."""
-        self.root, self.port = root, port
-        self.url = f"http://127.0.0.1:{port}"
+        self.root = root
         self.log = open(root / f"serve-{time.monotonic_ns()}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], cwd=root,
                                      env={**service_env(root), **(env or {})}, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=new_session)
         deadline = time.monotonic() + timeout
+        self.url = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited with {self.proc.returncode}: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if self.url is None and (found := LISTENING.search(Path(self.log.name).read_bytes())):
+                self.url = found.group(1).decode()
+                self.port = int(self.url.rsplit(":", 1)[1])
+            if self.url is not None and is_ready(self.url):
+                return
             time.sleep(0.2)
         self.stop()
         raise AssertionError(f"serve did not become ready: {self.output()}")
@@ -111,8 +121,7 @@ def wait_job(url: str, job_id: str, done, timeout: float = 180.0) -> dict:
 
 
 def test_stopping_the_api_mid_job_and_starting_it_again_finishes_the_job_once(tmp_path):
-    port = free_port()
-    first = Serve(tmp_path, port)
+    first = Serve(tmp_path)
     try:
         response = httpx.post(f"{first.url}/v1/jobs", headers=AUTH, timeout=30, json={
             "model": str(STORIES), "recipe": RECIPE_2OF4, "output": "runs/restarted",
@@ -132,7 +141,7 @@ def test_stopping_the_api_mid_job_and_starting_it_again_finishes_the_job_once(tm
         assert store.get(job_id).status == "running"  # stopped mid-job: nothing finished it
         assert not (tmp_path / "artifacts" / "runs" / "restarted" / "manifest.json").exists()
 
-        second = Serve(tmp_path, port)
+        second = Serve(tmp_path)  # a port of its own: the job store is what carries the job over
         try:
             done = wait_job(second.url, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
             assert done["status"] == "succeeded", done["error"]
@@ -171,3 +180,16 @@ def test_the_readme_demo_runs_a_job_through_the_service(tmp_path):
     uri = out.split("artifacts: ", 1)[1].split(" ", 1)[0]
     folder = Path(uri.removeprefix("file://"))
     assert (folder / "manifest.json").is_file() and folder.is_relative_to(tmp_path / "artifacts")
+
+
+def test_a_port_in_use_is_an_error_at_once_before_ray_starts(tmp_path):
+    """The port is taken first: a port in use fails the start, naming the address, with no local Ray started."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], cwd=tmp_path,
+                              env=service_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"llmpress serve: error: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "Ray" not in done.stdout + done.stderr.replace("llmpress serve: error", "")

@@ -3,7 +3,7 @@ that the service and everything it starts (its local Ray: GCS, raylet, agents, w
 checked gone by session id, and with its local Ray on 127.0.0.1.
 
 Ray's workers each take a process group of their own, so a kill of the serve process group reaches the serve
-process, GCS, raylet and agents but not the workers: they go when their raylet does. They all stay in the session.
+process, GCS, raylet and agents but not the workers; they all stay in the session, so ``kill`` reaches them too.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 from tests.api.test_service_restart import Serve
 
 class ServeSession(Serve):
-    """``Serve`` as a session leader (its pid is the session id of all it starts); up when /readyz answers 200.
+    """``Serve`` as a session leader (its pid is the session id of all it starts); up when /readyz answers ready.
     Its local Ray is on 127.0.0.1 as every Ray of the tests is (tests/conftest.py sets the variable it reads)."""
 
-    def __init__(self, root: Path, port: int, timeout: float = 120.0):
+    def __init__(self, root: Path, port: int = 0, timeout: float = 120.0):
         super().__init__(root, port, timeout=timeout, new_session=True)
 
     @property
@@ -32,9 +32,17 @@ class ServeSession(Serve):
         return session_processes(self.sid)
 
     def kill(self, timeout: float = 30.0) -> dict[int, str]:
-        """SIGKILL to the serve process group; then what of the session outlived it (see ``reap``)."""
+        """SIGKILL to the serve process group and then to every other process of the session (Ray's workers, in
+        groups of their own), as when the service's machine goes down; then what of the session outlived it (see
+        ``reap``). Left alone, a worker would go on for a second or two until it sees its raylet gone, and could
+        finish the job meanwhile."""
         if self.proc.poll() is None:  # not yet reaped, so its pid (the group's id) cannot name anyone else's
             os.killpg(self.sid, signal.SIGKILL)
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(timeout)
         if not self.log.closed:
             self.log.close()

@@ -3,8 +3,8 @@ own process with SQLite, local artifacts and a local Ray, see tests/api/test_ser
 
 A killed worker: Ray runs the task again (max_retries), the retry finds the job still running under its own
 worker_ref, re-queues it (attempt 2) and runs it to ``succeeded`` once. A killed service (SIGKILL to its process
-group: the serve process, GCS, raylet and agents): its local Ray dies with it, the job's worker too, a second or
-two later, when it sees its raylet gone (workers have process groups of their own); nothing of its session is left.
+group, the serve process, GCS, raylet and agents, and to Ray's workers, which have process groups of their own, as
+when its machine goes down): nothing of its session is left.
 The restarted service finds the job running under a worker that is gone, re-queues it (attempt 2), and it succeeds
 once: it resumes after the blocks the killed attempt finished (their shards and checkpoints survive the kill) and
 publishes the bytes of an uninterrupted run.
@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from service.jobs.job_store import JobStore
-from tests.api.test_service_restart import AUTH, CALIB, free_port, get_job, wait_job
+from tests.api.test_service_restart import AUTH, CALIB, get_job, wait_job
 from tests.faults.outcome import check_local_output, finished_once, statuses
 from tests.faults.serve_session import ServeSession, alive
 from tests.fixture_paths import STORIES
@@ -31,10 +31,9 @@ from tests.tiny_models import RECIPE_2OF4
 pytest.importorskip("ray")
 
 LAYERS = 5  # stories260K's decoder blocks
-# Calibration samples of 128 tokens. A killed worker stops at once: with 128 samples (a layer in about 0.3 s in a
-# warm worker) the job is still running when it dies. A killed service's worker is in a process group of its own
-# and goes only when it sees its raylet gone, 1-2 s later: 512 samples (about 1 s a layer) keep the job from
-# finishing meanwhile.
+# Calibration samples of 128 tokens: with 128 (a layer in about 0.3 s in a warm worker) the job is still running
+# when its worker is killed; with 512 (about 1 s a layer) the service's kill lands well within the job, and the
+# restarted service has blocks to resume after.
 WORKER_KILL_SAMPLES, SERVICE_KILL_SAMPLES = 128, 512
 REQUEUED = ["queued", "running", "queued", "running", "uploading", "succeeded"]
 
@@ -47,7 +46,7 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(root):
     """One `llmpress serve` for the module; whatever of its session is still alive at the end is ended."""
-    serve = ServeSession(root, free_port())
+    serve = ServeSession(root)
     yield serve
     if serve.proc.poll() is None:
         serve.stop()
@@ -129,7 +128,7 @@ def test_killing_the_service_mid_job_and_starting_it_again_finishes_the_job_once
     assert not (folder / "manifest.json").exists()
     left_at = job.progress["layer"]  # where the killed attempt got to
 
-    second = ServeSession(root, service.port)
+    second = ServeSession(root)
     try:
         # Recovery ran before the service answered ready: the job is queued again, attempt 2, and its progress is
         # the new attempt's (nothing yet, or its first layers), not the killed one's.

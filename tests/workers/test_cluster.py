@@ -12,7 +12,6 @@ of an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from service.jobs.job_store import JobStore  # noqa: E402
-from tests.api.test_service_restart import AUTH, CALIB, Serve, free_port, get_job, wait_job  # noqa: E402
+from tests.api.test_service_restart import AUTH, CALIB, Serve, wait_job  # noqa: E402
 from tests.fixture_paths import STORIES  # noqa: E402
 from tests.tiny_models import RECIPE_2OF4  # noqa: E402
 
@@ -49,7 +48,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(cluster, root):
-    serve = Serve(root, free_port(), env={"RAY_ADDRESS": cluster.address})
+    serve = Serve(root, env={"RAY_ADDRESS": cluster.address})
     yield serve
     serve.stop()
 
