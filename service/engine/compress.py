@@ -305,6 +305,7 @@ def compress_checkpoint(
     workers: WorkerPool | None = None,
     checkpoint=None,
     checkpoints: BlockCheckpoints | None = None,
+    after_checkpoint: Callable[[], Any] | None = None,
 ) -> dict:
     """Compress ``options.model`` with ``options.recipe`` into the directory ``options.output``; the report.
 
@@ -317,7 +318,9 @@ def compress_checkpoint(
     blocks data-parallel over them (service.engine.data_parallel); default one worker, in this process.
     ``checkpoint``: a reader of the model's tensors (e.g. ranged GETs on S3), ``options.model`` then holding only
     its config and tokenizer. ``checkpoints``: record each finished block there, and reuse the ones a run with the
-    same fingerprint finished before (service.engine.block_checkpoints).
+    same fingerprint finished before (service.engine.block_checkpoints). ``after_checkpoint()``: a reader of the
+    output's weight shards for the evaluation (e.g. of their uploaded copies), for a caller whose ``on_shard``
+    takes each shard away; called once every shard is written.
     """
     from service.engine.calibration_data import calibration_tokens
     from service.engine.text_data import load_tokenizer
@@ -395,8 +398,9 @@ def compress_checkpoint(
         (out.tmp / "recipe.yaml").write_text(recipe.to_yaml())
         if options.evals:
             progress({"stage": "evaluating", "fraction": 1.0})
-            report["perplexity"] = evaluate_pair(model_dir, out.tmp, tokenizer, options.evals, options.eval_seq_len,
-                                                 device, trust, before_checkpoint=checkpoint)
+            report["perplexity"] = evaluate_pair(
+                model_dir, out.tmp, tokenizer, options.evals, options.eval_seq_len, device, trust,
+                before_checkpoint=checkpoint, after_checkpoint=after_checkpoint() if after_checkpoint else None)
         report["totals"]["wall_seconds"] = time.perf_counter() - started
         write_json(out.tmp / "compression_report.json", report)
         progress({"stage": "publishing", "fraction": 1.0})
@@ -447,7 +451,8 @@ def _finish_directory(model_dir: Path, target: Path, extra_config: dict) -> None
 
 
 def evaluate_pair(before_dir: Path, after_dir: Path, tokenizer, evals: Sequence[Evaluation], seq_len: int,
-                  device: torch.device, trust_remote_code: bool = False, before_checkpoint=None) -> dict:
+                  device: torch.device, trust_remote_code: bool = False, before_checkpoint=None,
+                  after_checkpoint=None) -> dict:
     """Perplexity of the dense and the compressed model on each evaluation text, each streamed block by block
     (evaluation needs no more memory than compression), quantized and online-rotated outputs included."""
     from service.engine.perplexity import perplexity_streamed
@@ -457,7 +462,7 @@ def evaluate_pair(before_dir: Path, after_dir: Path, tokenizer, evals: Sequence[
     for e in evals:
         ids = tokenize(tokenizer, read_texts(e.source), max_tokens=e.max_tokens)
         entry = results[e.name] = {"source": str(e.source), "tokens": int(len(ids))}
-        for key, directory, checkpoint in (("before", before_dir, before_checkpoint), ("after", after_dir, None)):
+        for key, directory, checkpoint in (("before", before_dir, before_checkpoint), ("after", after_dir, after_checkpoint)):
             entry[key] = perplexity_streamed(directory, ids, seq_len=seq_len, device=device,
                                              trust_remote_code=trust_remote_code, checkpoint=checkpoint).ppl
         entry["ratio"] = entry["after"] / entry["before"]

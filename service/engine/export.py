@@ -77,12 +77,16 @@ class ShardWriter:
         self.on_written = on_written
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
+        # Indices written or adopted: the caller may move a shard away once it has it (the job service deletes an
+        # uploaded shard so that a node's disk holds about one block of output), so the folder cannot tell.
+        self.written: set[int] = set()
 
     def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         name = shard_name(index, self.num_shards)
         # safetensors refuses views and shared storage: give it one contiguous CPU copy per tensor.
         plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         save_shard(plain, self.dir / name)
+        self.written.add(index)
         for key, tensor in plain.items():
             self.weight_map[key] = name
             self.total_bytes += tensor.numel() * tensor.element_size()
@@ -97,6 +101,7 @@ class ShardWriter:
         name = shard_name(index, self.num_shards)
         if Path(path) != self.dir / name:
             raise ValueError(f"shard {index} must lie at {self.dir / name}, not {path}")
+        self.written.add(index)
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for key in handle.keys():
                 tensor = handle.get_slice(key)
@@ -110,8 +115,9 @@ class ShardWriter:
         """Write the index; shards that received no tensors are written empty so the numbering has no holes."""
         for index in range(self.num_shards):
             path = self.dir / shard_name(index, self.num_shards)
-            if not path.exists():
+            if index not in self.written:
                 save_shard({}, path)
+                self.written.add(index)
                 if self.on_written is not None:
                     self.on_written(path, path.name)
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}

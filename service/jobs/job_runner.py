@@ -44,7 +44,7 @@ from service.jobs.job_store import Job, JobStore
 from service.jobs.request import EVAL_NAME, JobRequest, local_input
 from service.jobs.request import input_roots as request_input_roots
 from service.jobs.settings import Settings
-from service.jobs.storage import Publisher, fetch
+from service.jobs.storage import LocalStore, Publisher, fetch
 from service.jobs.webhook import notify
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,9 @@ def _compress_and_publish(store: JobStore, job: Job, request: JobRequest, publis
         if checkpoints is not None:
             checkpoints.on_resumed = lambda resumed: extra.update(resumed=resumed)
         report = compress_checkpoint(options, on_progress=on_progress, workers=pool, checkpoint=checkpoint,
-                                     checkpoints=checkpoints, on_shard=lambda path, name: publisher.add(path, name))
+                                     checkpoints=checkpoints,
+                                     on_shard=lambda path, name: _hand_over(publisher, path, name),
+                                     after_checkpoint=lambda: _published_shards(publisher))
     finally:
         if pool is not None:
             pool.close()
@@ -347,6 +349,26 @@ def _compress_and_publish(store: JobStore, job: Job, request: JobRequest, publis
     if checkpoints is not None:
         checkpoints.discard()  # published: the output is complete, no block is ever computed again
     return True
+
+
+def _hand_over(publisher: Publisher, path: Path, name: str) -> None:
+    """Give a finished shard to the publisher, which holds it (a hard link in its staging folder) until it is
+    uploaded, and drop the work folder's copy: a job's disk then holds the shards not yet uploaded, about one block,
+    however large the model. The evaluation reads the uploaded copies (``_published_shards``)."""
+    publisher.add(path, name)
+    Path(path).unlink()
+
+
+def _published_shards(publisher: Publisher):
+    """A reader of the output's weight shards where they were uploaded, once all are: ranged GETs on S3, the
+    folder itself for a local output."""
+    from service.engine.model_source import SafetensorsCheckpoint
+    from service.jobs.s3_checkpoint import S3Checkpoint
+
+    publisher.wait()
+    if isinstance(publisher.store, LocalStore):
+        return SafetensorsCheckpoint(publisher.store.root)
+    return S3Checkpoint(publisher.store.uri())
 
 
 # How long a worker waits for a job store it cannot reach (a database restart or fail-over) before it gives up.

@@ -959,6 +959,11 @@ class Publisher:
         finally:
             staged.unlink(missing_ok=True)
 
+    def wait(self) -> None:
+        """Block until every file added so far is uploaded; raises the first upload's error."""
+        for future in list(self._uploads.values()):
+            future.result()
+
     def finish(self, local_dir: str | Path, extra_manifest: dict | None = None) -> Manifest:
         """Upload the files of ``local_dir`` that were not added, wait for all uploads, write the manifest."""
         extra = dict(extra_manifest or {})

@@ -1,5 +1,7 @@
 """The disk filling up while a job writes: a tmpfs smaller than the output (about 1.1 MB) mounted as the
-artifacts folder (the publish copies the shards there) or as the work folder (the engine writes the shards there).
+artifacts folder (the publish copies the shards there) or as the work folder (the engine writes the shards there,
+and each goes as soon as it is uploaded: a work folder smaller than the output is enough, one smaller than a shard
+is not).
 
 Either way the job fails with a message a person can act on, naming "no space left on device", the file and the
 place; nothing stays published (no manifest, none of the shards that did fit); the work folder is removed; and the
@@ -26,6 +28,8 @@ from tests.tiny_models import RECIPE_2OF4
 
 # Room for the first two shards (131 kB and 183 kB), not the rest (four more of 183 kB, tokenizer, config).
 TMPFS_SIZE = "400k"
+# A work folder holds only the shards not yet uploaded (about one block): room for the first shard, not the second.
+WORK_TMPFS_SIZE = "150k"
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
@@ -87,7 +91,7 @@ def test_a_full_work_folder_fails_the_job_and_leaves_nothing_published(tmp_path)
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
     artifacts = tmp_path / "artifacts"
     try:
-        with tmpfs(tmp_path / "work") as work:
+        with tmpfs(tmp_path / "work", WORK_TMPFS_SIZE) as work:
             settings = Settings(artifacts_root=str(artifacts), hub_offline=True)
             job = run(store, settings, work, "runs/full")
             assert job.status == "failed", job.status
@@ -98,5 +102,22 @@ def test_a_full_work_folder_fails_the_job_and_leaves_nothing_published(tmp_path)
         out = artifacts / "runs" / "full"
         kept = kept_for_retry(store, job.id, lambda key: (out / key).read_bytes())
         assert local_files(artifacts) == {f"runs/full/{key}" for key in kept}, sorted(local_files(artifacts))
+    finally:
+        store.close()
+
+
+def test_a_work_folder_smaller_than_the_output_is_enough(tmp_path):
+    """The work folder holds a shard only until it is uploaded: 400 kB (two shards) for an output of about 1.1 MB."""
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    artifacts = tmp_path / "artifacts"
+    try:
+        with tmpfs(tmp_path / "work") as work:
+            settings = Settings(artifacts_root=str(artifacts), hub_offline=True)
+            job = run(store, settings, work, "runs/small-work")
+            assert job.status == "succeeded", job.error
+            assert not local_files(work)
+        out = artifacts / "runs" / "small-work"
+        shards = {f["key"] for f in job.artifacts["manifest"]["files"] if SHARD.fullmatch(f["key"])}
+        assert len(shards) == 6 and sum((out / key).stat().st_size for key in shards) > 2 * 400_000
     finally:
         store.close()
