@@ -284,7 +284,9 @@ class BlockWorker:
         self.hidden, self.calls = [], [[] for _ in self.blocks]
         if batches:
             self.hidden, self.calls = capture(self.model, self.blocks, batches, self.device)
-        self.captured = list(self.hidden)
+        # The first block's inputs again after OWL's dense probe pass; kept only for a stage that has one, since they
+        # are as large as all of this worker's hidden states (17 GB over the workers for Llama-3-70B at 512 x 2048).
+        self.captured = list(self.hidden) if any(hasattr(m, "set_layer_sparsities") for m in self.modifiers) else []
         if self.own_model:
             self._release(names)
         return len(self.hidden)
@@ -295,6 +297,8 @@ class BlockWorker:
 
     def restart_from_capture(self) -> None:
         """Hidden states back to the captured inputs of the first block (after OWL's dense probe pass)."""
+        if self.hidden and not self.captured:
+            raise RuntimeError("restart_from_capture: this stage has no OWL modifier, so its inputs were not kept")
         self.hidden = list(self.captured)
 
     def end_stage(self) -> None:
@@ -555,7 +559,9 @@ class Coordinator:
                                   result, timing)
         load = [0.0] * self.size
         owner_of: dict[str, int] = {}
-        pauses = each(self.workers, "one_pass_start", index)
+        start = time.perf_counter()
+        pauses = each(self.workers, "one_pass_start", index)  # the forward up to the first module's input
+        timing.calibrate += time.perf_counter() - start
         while True:
             name = pauses[0][0]
             if any(p[0] != name for p in pauses[1:]):
@@ -569,6 +575,10 @@ class Coordinator:
                 owner_of[group] = assign_owners({group: [self.local.tasks[name]]}, self.size, load)[group]
             owner = owner_of[group]
             partials = {key: [p[2][key] for p in pauses] for key in pauses[0][2] if key[0] == group}
+            if self.size > 1:  # each other rank's partial travels to the owner, the solved module to each other rank
+                timing.statistics_bytes += sum(_accumulator_bytes(self.local.stats.accumulators[key])
+                                               for key in partials) * (self.size - 1)
+                timing.states_bytes += _state_bytes(self.local, [name]) * (self.size - 1)
             start = time.perf_counter()
             reports, handle = self.workers.call({owner: ("solve", (index, [name], group_of, partials))})[owner]
             timing.solve += time.perf_counter() - start
@@ -599,14 +609,17 @@ class Coordinator:
 
     def _statistics_bytes(self) -> int:
         """Bytes of partial statistics that travel to their owners: every group's partial from each other rank."""
-        return sum(acc.nbytes() if hasattr(acc, "nbytes") else _nbytes(acc.squared_norm)
-                   for acc in self.local.stats.accumulators.values()) * (self.size - 1)
+        return sum(_accumulator_bytes(acc) for acc in self.local.stats.accumulators.values()) * (self.size - 1)
 
     def release(self, index: int) -> None:
         each(self.workers, "release", index)
 
     def end_stage(self) -> None:
         each(self.workers, "end_stage")
+
+
+def _accumulator_bytes(acc) -> int:
+    return acc.nbytes() if hasattr(acc, "nbytes") else _nbytes(acc.squared_norm)
 
 
 def each_args(workers: Workers, method: str, args_of: Callable[[int], tuple]) -> list:

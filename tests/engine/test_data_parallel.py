@@ -84,3 +84,30 @@ def test_more_workers_than_calibration_samples_is_refused_naming_the_field(tmp_p
     with pytest.raises(ValueError, match=r"resources.workers: 3 workers need at least 3 calibration samples"):
         compress_checkpoint(options, workers=LocalPool(3))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("pipeline", ["two_pass", "one_pass"])
+def test_each_block_books_the_bytes_it_moved(tmp_path, monkeypatch, pipeline):
+    """The coordinator's per-block timing counts the partial statistics sent to their owners and the solved
+    modules sent back, in both modes: exactly (workers - 1) copies of rank 0's own statistics and solved weights."""
+    from service.engine import data_parallel
+
+    made = []
+    init = data_parallel.Coordinator.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(data_parallel.Coordinator, "__init__", recording)
+    compress(tmp_path, "sparsegpt_2of4", 2, pipeline)
+    timings = made[0].timings
+    assert len(timings) == 5  # stories260K's blocks
+    hidden, kv, intermediate = 64, 32, 172  # 8 heads of 8, 4 key/value heads
+    # Hessians (fp64) of the block's four module inputs, and the block's seven weights (fp32), one copy each way.
+    statistics = 8 * (3 * hidden**2 + intermediate**2)
+    weights = 4 * (2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * intermediate)
+    for t in timings:
+        assert t.calibrate > 0 and t.solve > 0 and t.propagate > 0
+        assert t.statistics_bytes >= statistics, (t.statistics_bytes, statistics)
+        assert weights <= t.states_bytes < 2 * weights, (t.states_bytes, weights)
