@@ -31,14 +31,14 @@ import os
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -46,12 +46,11 @@ for p in (str(REPO), str(BENCH)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import ray  # noqa: E402
-from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
-
-from compare_sparsegpt import cpu_busy_fraction, cpu_pressure_s  # noqa: E402
-from make_random_llama import write_model  # noqa: E402
+import ray
+from compare_sparsegpt import cpu_busy_fraction, cpu_pressure_s
+from make_random_llama import write_model
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 WIKI_VALID = REPO / "tests/fixtures/data/wikitext-2/valid.txt"
 GPTQ_W4 = """\
@@ -103,10 +102,11 @@ def _timed_methods(target, record) -> None:
     """Wrap ``target``'s BlockWorker methods (a class or an instance) so that each call adds (block, method,
     seconds) to ``record``; the block is the one of the last ``load``."""
     current = {"block": None}
+    bound = not isinstance(target, type)
     for method in METHODS:
         original = getattr(target, method)
 
-        def wrapper(*args, _original=original, _method=method, _bound=not isinstance(target, type)):
+        def wrapper(*args, _original=original, _method=method, _bound=bound):
             if _method == "load":
                 current["block"] = args[0 if _bound else 1]
             start = time.perf_counter()
@@ -301,7 +301,7 @@ def measure_transfer(model_dir: str, repeats: int) -> dict:
     from service.engine.model_source import SafetensorsCheckpoint
 
     checkpoint = SafetensorsCheckpoint(Path(model_dir))
-    keys = [k for k in checkpoint.keys() if k.startswith("model.layers.1.")]
+    keys = [k for k in checkpoint.keys() if k.startswith("model.layers.1.")]  # noqa: SIM118
     files = sorted(Path(model_dir).glob("*.safetensors"))
 
     def drop_cache():
