@@ -7,6 +7,7 @@ runner as the in-memory ``oneshot`` (service.engine.oneshot). The output directo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -53,12 +54,16 @@ class StreamedBlocks:
         self.unquantized: list[str] = []
         self.online: dict[str, dict] = {}  # online rotations written: {"R3"|"R4": {module name: spec}}
 
-    def store(self, index, name, block, *, changed):
+    def store(self, index, name, block, *, changed) -> dict:
+        """Write the block's shard and free it; returns how its shard is laid out ({"quantized": {module: its
+        schemes' QuantArgs as dicts}, "unquantized": [modules]}, empty for a plain shard), what a run that resumes
+        after this block needs to read the shard back (``restore``)."""
         names = self.source.parameter_names(name)
+        layout: dict = {}
         if self.writer is not None:
             tensors = {n: self.source.model.get_parameter(n) for n in names}
             if self.quantized_format:
-                tensors = self._compressed(name, block, tensors)
+                tensors, layout = self._compressed(name, block, tensors)
             if self.rotation is not None:
                 tensors.update(self._online(name, block))
             self.writer.write(index + 1, tensors)
@@ -67,6 +72,32 @@ class StreamedBlocks:
 
             detach_online(block)  # the block's hooks go with its weights; a later load rotates it afresh
         self.source.release(names)
+        return layout
+
+    def restore(self, tensors: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
+        """A finished block's parameters from its shard's ``tensors`` as ``store`` laid them out (``layout``): each
+        quantized module's weight decompressed to the very values the run propagated with, and the module's scheme
+        taken into this stage's ``quantized`` as if the block had been compressed again."""
+        from types import SimpleNamespace
+
+        from service.algorithms.quantization import QuantArgs
+        from service.engine.quantized_export import compressed_modules, decompress_weight, quantization_config
+        from service.engine.quantized_export import scheme_carrier
+
+        quantized = {sub: scheme_carrier(SimpleNamespace(
+            quantization_args=QuantArgs(**entry["weights"]),
+            input_quantization_args=QuantArgs(**entry["inputs"]) if entry.get("inputs") else None))
+            for sub, entry in layout.get("quantized", {}).items()}
+        out = dict(tensors)
+        if quantized:
+            schemes = compressed_modules(self.source.model, quantization_config(list(quantized.items())))
+            for sub in quantized:
+                packed = {k[len(sub) + 1:]: out.pop(k) for k in list(out) if k.startswith(sub + ".weight")}
+                dtype = self.source.model.get_parameter(f"{sub}.weight").dtype
+                out[f"{sub}.weight"] = decompress_weight(packed, schemes[sub]).to(dtype)
+        self.quantized.update(quantized)
+        self.unquantized.extend(layout.get("unquantized", []))
+        return out
 
     def _online(self, name: str, block: nn.Module) -> dict:
         from service.engine.transform_export import transform_tensors
@@ -81,15 +112,20 @@ class StreamedBlocks:
         from service.engine.quantized_export import compress_quantized_tensors, is_quantized, scheme_carrier
         from service.recipes.targets import COMPRESSIBLE
 
+        layout: dict = {"quantized": {}, "unquantized": []}
         for sub, module in block.named_modules(prefix=name):
             if is_quantized(module):
                 for param in ("weight", "bias"):
                     tensors.pop(f"{sub}.{param}", None)
                 tensors.update(compress_quantized_tensors(sub, module))
                 self.quantized[sub] = scheme_carrier(module)
+                inputs = getattr(module, "input_quantization_args", None)
+                layout["quantized"][sub] = {"weights": dataclasses.asdict(module.quantization_args),
+                                            "inputs": dataclasses.asdict(inputs) if inputs is not None else None}
             elif isinstance(module, COMPRESSIBLE):
                 self.unquantized.append(sub)
-        return tensors
+                layout["unquantized"].append(sub)
+        return tensors, layout
 
 
 def _stream_stage(
@@ -179,12 +215,13 @@ def _stream_stage(
         for index, (name, block) in enumerate(blocks):
             start = time.perf_counter()
             last = index == len(blocks) - 1
+            layout: dict = {}
             if index < len(finished):
-                _replay(coordinator, source, writer, finished[index], index, name, device, last=last)
+                _replay(coordinator, source, store, writer, finished[index], index, name, device, last=last)
                 result = BlockResult(outputs=[], modules=dict(finished[index].report.get("modules", {})))
             else:
                 result = coordinator.run_block(index, load(index, name), last=last)
-                store.store(index, name, block, changed=bool(result.modules))
+                layout = store.store(index, name, block, changed=bool(result.modules))
             coordinator.release(index)
             bar.set_postfix_str(name)
             bar.update()
@@ -196,7 +233,8 @@ def _stream_stage(
                 # Before the progress callback, which may stop the run: a block written is a block kept.
                 shard = shard_name(index + 1, writer.num_shards)
                 checkpoints.finished(FinishedBlock(index, shard, target_dir / shard,
-                                                   {"layer": layer, "modules": result.modules}), fingerprint or {})
+                                                   {"layer": layer, "modules": result.modules, "layout": layout}),
+                                     fingerprint or {})
             report.on_block(index, name, result, seconds)
     finally:
         bar.close()
@@ -223,15 +261,16 @@ def _stream_stage(
     return {**config_changes, "quantization_config": config}
 
 
-def _replay(coordinator, source: StreamedModel, writer: ShardWriter, done: FinishedBlock, index: int, name: str,
-            device, *, last: bool) -> None:
-    """Block ``index`` from its checkpoint: its compressed weights, read from its shard, run forward on every worker
-    (the next block's inputs); the shard itself is taken into the output as it is."""
+def _replay(coordinator, source: StreamedModel, store: StreamedBlocks, writer: ShardWriter, done: FinishedBlock,
+            index: int, name: str, device, *, last: bool) -> None:
+    """Block ``index`` from its checkpoint: its compressed weights, read from its shard (quantized ones
+    decompressed), run forward on every worker (the next block's inputs); the shard itself is taken into the output
+    as it is."""
     from safetensors.torch import load_file
 
     from service.engine.model_source import set_tensor
 
-    tensors = load_file(str(done.path))
+    tensors = store.restore(load_file(str(done.path)), done.report.get("layout", {}))
     params = source.parameter_names(name)
     missing = [n for n in params if n not in tensors]
     if missing:
@@ -410,15 +449,14 @@ def compress_checkpoint(
 
 def _why_not_resumable(recipe) -> str | None:
     """Why a run of ``recipe`` cannot be taken up from per-block checkpoints (None: it can). A finished block is
-    replayed from its shard, so the shard must hold exactly the weights the run propagated with: true of pruned
-    and dense shards, not yet of packed quantized ones or of blocks with online rotations attached."""
+    replayed from its shard, so the shard must give back exactly the weights the run propagated with: true of pruned
+    and dense shards, of quantized ones (decompressed) and of fused rotations (R1, R2), not yet of blocks with
+    online rotations (R3, R4) attached, whose hooks every worker would have to attach again."""
     if len(recipe.stages) > 1:
         return "a recipe of several stages"
     for modifier in recipe.modifiers():
-        if quantizes(modifier):
-            return f"quantized output ({type(modifier).__name__})"
-        if hasattr(modifier, "rotations"):
-            return f"rotations ({type(modifier).__name__})"
+        if set(getattr(modifier, "rotations", ())) & {"R3", "R4"}:
+            return f"online rotations R3/R4 ({type(modifier).__name__})"
     return None
 
 

@@ -92,14 +92,32 @@ def events(store, job_id, kind):
     return [e.data for e in store.events(job_id) if e.type == kind]
 
 
-@pytest.mark.parametrize("workers", [None, 2], ids=["one-worker", "two-workers"])
-def test_a_run_stopped_after_block_2_resumes_at_block_3_with_the_same_bytes(env, workers):
+# GPTQ W4 with zero points in groups of 16 (packed int4, int8 zero points): the weights a resumed run propagates
+# with are decompressed from the shard, and must be the very values the killed run had.
+GPTQ_W4_ASYM = """\
+quantization_stage:
+  quantization_modifiers:
+    GPTQModifier:
+      ignore: [lm_head]
+      config_groups:
+        group_0:
+          targets: [Linear]
+          weights: {num_bits: 4, type: int, symmetric: false, strategy: group, group_size: 4}
+"""
+
+
+@pytest.mark.parametrize("recipe,workers", [
+    (RECIPE_2OF4, None), (RECIPE_2OF4, 2), ((RECIPES / "spinquant_gptq_w4.yaml").read_text(), None),
+    ((RECIPES / "spinquant_gptq_w4.yaml").read_text(), 2), (GPTQ_W4_ASYM, None),
+], ids=["2of4-one-worker", "2of4-two-workers", "rotated-gptq-one-worker", "rotated-gptq-two-workers",
+        "gptq-asym-one-worker"])
+def test_a_run_stopped_after_block_2_resumes_at_block_3_with_the_same_bytes(env, recipe, workers):
     store, settings, tmp = env
     pools = (lambda resources: LocalPool(workers)) if workers else None
-    whole, _ = store.create_job("alice", request("runs/whole"))
+    whole, _ = store.create_job("alice", request("runs/whole", recipe=recipe))
     assert run(store, settings, whole.id, workers=pools).status == "succeeded"
 
-    job = stop_at(env, request("runs/stopped"), at=2, workers=pools)
+    job = stop_at(env, request("runs/stopped", recipe=recipe), at=2, workers=pools)
     assert job.status == "running"  # a killed worker's job, until someone takes it back
     assert [c["block"] for c in store.checkpoints(job.id)] == [0, 1]
     out = tmp / "artifacts" / "runs" / "stopped"
