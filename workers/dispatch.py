@@ -10,8 +10,9 @@ One job, followed forward::
     in the worker: JobStore(settings.database_url) -> service.jobs.job_runner.run_job -> progress per layer in the store
 
 Exactly once comes from the store: ``run_job`` takes a job with a queued->running compare-and-set, so work that is
-handed a job twice runs it once. Ray retries work whose worker process died (``max_retries``/``max_restarts``); the
-retry finds the job still ``running`` under its own worker_ref and puts it back in the queue before running it.
+handed a job twice runs it once. Ray retries work whose worker process died (a task's ``max_retries``; an actor's
+``max_restarts``, after which the restarted actor runs its job again by itself); the retry finds the job still
+``running`` under its own worker_ref and puts it back in the queue before running it.
 
 Cancel is a flag in the store that the worker reads between layers; work that has not started is also taken off
 Ray's queue (``ray.cancel`` / ``ray.kill``) so it frees its place at once.
@@ -120,19 +121,32 @@ def run_job_task(job_id: str, settings: Settings, input_roots: Sequence[Path]) -
     return _run(job_id, settings, input_roots, TASK_PREFIX + ray.get_runtime_context().get_task_id())
 
 
-@ray.remote(max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
+# No method retries: the caller's retries of ``run`` are spent in the second or two before the cluster sees a lost
+# node dead (each attempt fails at once: "actor unavailable"), and the actor Ray then restarts would sit idle with
+# its job still ``running``. A restarted actor takes its job up itself instead (``__init__``).
+@ray.remote(max_restarts=MAX_RETRIES, max_task_retries=0)
 class JobActor:
-    """A job as a detached named actor (a Ray cluster): it outlives the API, which re-attaches to it by name."""
+    """A job as a detached named actor (a Ray cluster): it outlives the API, which re-attaches to it by name. Ray
+    restarts it where its placement group's bundle is placed again when its process or node is lost; the restarted
+    actor runs the job again, which resumes from its per-block checkpoints."""
 
-    def run(self, job_id: str, settings: Settings, input_roots: Sequence[Path]) -> str | None:
+    def __init__(self, job_id: str, settings: Settings, input_roots: Sequence[Path]):
+        self.args = (job_id, settings, input_roots)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            log.warning("job %s: its actor was restarted after its process or node was lost; taking the job up "
+                        "again", job_id)
+            ray.get_runtime_context().current_actor.run.remote()
+
+    def run(self) -> str | None:
+        job_id = self.args[0]
         try:
-            return _run(job_id, settings, input_roots, ACTOR_PREFIX + job_id)
+            return _run(*self.args, ACTOR_PREFIX + job_id)
         finally:
             # One job per actor: end it, to give its GPU or CPU back (a detached actor never ends alone), and with
             # it the job's placement group (detached too, so nothing else would). Removing the group ends the
             # actors in it, this one included. Not with exit_actor(): that fails the method it is called in, and
-            # Ray retries a failed method of an actor that may restart ("JobActor.run failed. There are 2 retries
-            # remaining"), running the job's method again on a fresh actor; a kill without restart ends it.
+            # Ray retries a failed method of an actor that may restart, running the job's method again on a fresh
+            # actor; a kill without restart ends it.
             group = ray.util.get_current_placement_group()
             if group is not None:
                 ray.util.remove_placement_group(group)
@@ -286,8 +300,8 @@ class RayDispatcher:
             if self._actor(name) is not None:
                 return  # already handed to Ray (waiting for resources or running)
             actor = JobActor.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                                     **resources).remote()
-            actor.run.remote(*args)
+                                     **resources).remote(*args)
+            actor.run.remote()
             return
         with self._lock:
             self._forget_finished()

@@ -6,7 +6,8 @@ A job with ``resources.workers: 2`` gets a placement group of two 1-CPU bundles:
 worker actor (rank 1), on two different nodes. Killing the node of rank 1 mid-job (SIGKILL to its raylet and the
 processes it started) loses that worker: the job is queued again (attempt 2), its placement group's lost bundle is
 placed on the spare node, and the job resumes from its per-block checkpoints, finishing once with the very bytes
-of an uninterrupted run.
+of an uninterrupted run. Killing the node of rank 0 (the job's own process, a detached actor) does the same: Ray
+restarts the actor in the re-placed bundle, and the restarted actor takes its job up itself.
 """
 
 from __future__ import annotations
@@ -120,3 +121,30 @@ def test_killing_a_worker_node_mid_job_resumes_on_the_others_with_the_same_bytes
         assert store.checkpoints(job_id) == []  # published: nothing is kept for a resume any more
     finally:
         store.close()
+
+
+def test_killing_the_node_of_the_jobs_own_process_resumes_it_elsewhere(service, cluster, root):
+    """Rank 0 is the job's own process (the detached JobActor in cluster mode): its node lost, Ray starts the actor
+    again where the placement group's bundle is placed anew (a fresh node joins for it), and the job resumes."""
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    response = submit(service.url, "runs/rank0-killed", workers=2)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    job = wait_job(service.url, job_id, lambda j: (j["progress"].get("layer") or 0) >= 2 or j["status"] != "running"
+                   and j["status"] != "queued", 300)
+    assert job["status"] == "running", job
+    rank0 = next(w for w in job["progress"]["workers"] if w["rank"] == 0)
+    node = next(n for n in cluster.worker_nodes if n.node_id == rank0["node_id"])
+    cluster.remove_node(node, allow_graceful=False)
+    job = wait_job(service.url, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), 300)
+    events = httpx.get(f"{service.url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=10).json()
+    assert job["status"] == "succeeded", (job["error"], [(e["type"], e["data"]) for e in events
+                                                         if e["type"] != "progress"])
+    assert job["attempt"] >= 2
+    resumed = [e["data"] for e in events if e["type"] == "resumed"]
+    assert resumed and resumed[-1]["layer"] >= 3, events
+    assert rank0["node_id"] not in {w["node_id"] for w in job["progress"]["workers"]}
+    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+    assert [s for s in statuses if s in ("succeeded", "failed", "cancelled")] == ["succeeded"]
+    assert shards(root / "artifacts" / "runs" / "rank0-killed") == shards(root / "artifacts" / "runs" / "two")
