@@ -113,8 +113,10 @@ class RayWorkers:
 
 
 class RayPool:
-    """A job's ranks 1..N-1 in its placement group (this process, in bundle 0, is rank 0). ``describe()`` starts
-    them (waiting at most ``start_timeout`` s for Ray to place them) and says where every rank runs."""
+    """A job's ranks 1..N-1 in its placement group (this process, in bundle 0, is rank 0). They are started at once,
+    without waiting: a worker process takes seconds to start and import the engine, which then overlaps with this
+    process's own setup (tokenizing, the model skeleton, capturing the first inputs). ``describe()`` waits for them
+    (at most ``start_timeout`` s for Ray to place them) and says where every rank runs."""
 
     def __init__(self, group: PlacementGroup, bundles: list[dict[str, float]], *, device: str | None = None,
                  start_timeout: float = 600.0):
@@ -126,11 +128,21 @@ class RayPool:
         self.exchange = RayExchange()
         self.actors: list = []
         self._where: list[dict] | None = None
+        self._launch()
 
     def describe(self) -> list[dict]:
         if self._where is None:
             self._start()
         return self._where
+
+    def _launch(self) -> None:
+        self.actors = [
+            BlockWorkerActor.options(
+                num_cpus=self.bundles[rank].get("CPU", 0), num_gpus=self.bundles[rank].get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
+            ).remote(rank, self.device)
+            for rank in range(1, self.size)
+        ]
 
     def _start(self) -> None:
         import time
@@ -142,13 +154,8 @@ class RayPool:
                 raise WorkerLost(f"the job's {self.size} workers could not all be placed within "
                                  f"{self.start_timeout:.0f} s (a node was lost and the cluster has no room for its "
                                  "bundle)")
-            self.actors = [
-                BlockWorkerActor.options(
-                    num_cpus=self.bundles[rank].get("CPU", 0), num_gpus=self.bundles[rank].get("GPU", 0),
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
-                ).remote(rank, self.device)
-                for rank in range(1, self.size)
-            ]
+            if not self.actors:
+                self._launch()
             try:
                 remote = ray.get([actor.describe.remote() for actor in self.actors], timeout=left)
                 break

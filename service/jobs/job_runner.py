@@ -301,12 +301,18 @@ def _compress_and_publish(store: JobStore, job: Job, request: JobRequest, publis
                                           output=output_dir)
     extra = extra if extra is not None else {}
     pool = workers(request.resources) if workers is not None else None
-    try:
-        if pool is not None:
+
+    def progress(event: dict) -> None:
+        # Where the workers run, once the blocks start (the pool is open by then): asking before would wait for
+        # worker processes that are still starting while this one could be setting up.
+        if pool is not None and "workers" not in extra and "layer" in event:
             extra["workers"] = pool.describe()
+        on_progress(event)
+
+    try:
         if checkpoints is not None:
             checkpoints.on_resumed = lambda resumed: extra.update(resumed=resumed)
-        report = compress_checkpoint(options, on_progress=on_progress, workers=pool, checkpoint=checkpoint,
+        report = compress_checkpoint(options, on_progress=progress, workers=pool, checkpoint=checkpoint,
                                      checkpoints=checkpoints,
                                      on_shard=lambda path, name: _hand_over(publisher, path, name),
                                      after_checkpoint=lambda: _published_shards(publisher))
