@@ -142,13 +142,25 @@ def perplexity_streamed(
     if online:
         attach_online_transforms(model, online)
     if any(scheme.input_activations is not None for _, scheme in source.compressed.values()):
-        # A8/A4 schemes quantize each Linear's input at run time, after the online rotation (hooks run in order)
+        # A8/A4/FP8/FP4 schemes quantize each Linear's input at run time, after the online rotation (hooks run in
+        # order); static ones (FP8's input_scale, NVFP4's input_global_scale) read their calibrated scales, a few
+        # scalars per module, once here.
         from service.engine.quantized_export import quant_args_from_ct
         from service.recipes.quantization_modifiers import attach_scheme_activation_quantization
 
+        calibrated = {}
+        for weight_name, (name, scheme) in source.compressed.items():
+            if scheme.input_activations is not None and scheme.input_activations.dynamic is not True:
+                key = "input_global_scale" if scheme.input_activations.strategy == "tensor_group" else "input_scale"
+                calibrated[name, key] = source.keys[weight_name] + "." + key
+        stored = source.checkpoint.read(list(calibrated.values())) if calibrated else {}
         for name, scheme in source.compressed.values():
             if scheme.input_activations is not None:
-                model.get_submodule(name).input_quantization_args = quant_args_from_ct(scheme.input_activations)
+                module = model.get_submodule(name)
+                module.input_quantization_args = quant_args_from_ct(scheme.input_activations)
+                for key in ("input_scale", "input_global_scale"):
+                    if (name, key) in calibrated:
+                        module.register_buffer(key, stored[calibrated[name, key]].to(device))
         attach_scheme_activation_quantization(model)
     blocks = find_blocks(model)
     names = [name for name, _ in blocks]

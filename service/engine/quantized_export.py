@@ -8,6 +8,13 @@ format (``pack-quantized``: int32-packed ``weight_packed`` + ``weight_shape``; `
 writes and vLLM reads). Our fake-quantized weights are on the library's grid bit for bit
 (service.algorithms.quantization), so decompressing gives back exactly the weights we evaluated.
 
+Float schemes go through the library's compressors the same way: FP8 (``float-quantized`` when inputs are
+quantized too, else ``naive-quantized``: float8_e4m3fn ``weight`` + ``weight_scale``), NVFP4
+(``nvfp4-pack-quantized``: uint8 ``weight_packed``, float8 ``weight_scale``, fp32 ``weight_global_scale``)
+and MXFP4 (``mxfp4-pack-quantized``: uint8 ``weight_packed`` and E8M0 uint8 ``weight_scale``). Calibrated
+activation scales (FP8's ``input_scale``, NVFP4's ``input_global_scale``) are stored beside them. The
+library decompresses FP4 weights to bfloat16, so a float32 model reloads NVFP4 weights within bf16 rounding.
+
 A module is "quantized" when a modifier left ``quantization_args`` (QuantArgs) and the buffers
 ``weight_scale`` / ``weight_zero_point`` on it (service.recipes.quantization_modifiers).
 """
@@ -33,23 +40,42 @@ def is_quantized(module: nn.Module) -> bool:
     return getattr(module, "quantization_args", None) is not None and hasattr(module, "weight_scale")
 
 
-def _ct_args(args: QuantArgs):
+# Extra per-module tensors a checkpoint keeps beside the compressed weight: NVFP4's weight global scale and the
+# calibrated activation scales (static FP8, NVFP4).
+EXTRA_TENSORS = ("weight_global_scale", "input_scale", "input_global_scale")
+
+
+def _ct_args(args: QuantArgs, activations: bool = False):
     from compressed_tensors.quantization import QuantizationArgs
 
-    return QuantizationArgs(
-        num_bits=args.num_bits, type="int", symmetric=args.symmetric, strategy=args.strategy,
-        group_size=args.group_size, dynamic=args.dynamic,
-    )
+    if args.type == "int":
+        return QuantizationArgs(
+            num_bits=args.num_bits, type="int", symmetric=args.symmetric, strategy=args.strategy,
+            group_size=args.group_size, dynamic=args.dynamic,
+        )
+    extra = {}
+    if args.block_structure is not None:
+        extra["block_structure"] = list(args.block_structure)
+    if args.scale_format is not None:  # as the presets spell it: NVFP4 float8 scales, MXFP4 uint8 exponents
+        dtype = torch.float8_e4m3fn if args.scale_format == "float8_e4m3fn" else torch.uint8
+        extra.update(scale_dtype=dtype, zp_dtype=dtype)
+    if activations and args.dynamic is not True:
+        extra["observer"] = "static_minmax"  # what our calibration computes, as FP8's and NVFP4's presets name it
+    return QuantizationArgs(num_bits=args.num_bits, type="float", symmetric=args.symmetric, strategy=args.strategy,
+                            group_size=args.group_size, dynamic=args.dynamic, **extra)
 
 
 def quant_args_from_ct(args) -> QuantArgs:
-    """Our ``QuantArgs`` for compressed-tensors ``QuantizationArgs`` (the inverse of ``_ct_args``; int only)."""
+    """Our ``QuantArgs`` for compressed-tensors ``QuantizationArgs`` (the inverse of ``_ct_args``)."""
     kind = getattr(args.type, "value", args.type)
     strategy = getattr(args.strategy, "value", args.strategy)
-    if kind != "int":
-        raise ValueError(f"quantization_config: {kind!r} quantization is not supported here; allowed: int")
+    dynamic = getattr(args.dynamic, "value", args.dynamic)
+    if kind not in ("int", "float"):
+        raise ValueError(f"quantization_config: {kind!r} quantization is not supported here; allowed: int, float")
     return QuantArgs(num_bits=args.num_bits, symmetric=args.symmetric, strategy=strategy,
-                     group_size=args.group_size if strategy == "group" else None, dynamic=bool(args.dynamic))
+                     group_size=args.group_size if strategy in ("group", "tensor_group") else None,
+                     dynamic=dynamic if dynamic == "local" else bool(dynamic), type=kind,
+                     block_structure=tuple(args.block_structure) if args.block_structure is not None else None)
 
 
 def quantization_scheme(module: nn.Module, targets: Sequence[str] = ("Linear",)):
@@ -66,7 +92,7 @@ def quantization_scheme(module: nn.Module, targets: Sequence[str] = ("Linear",))
     scheme = QuantizationScheme(
         targets=list(targets),
         weights=_ct_args(module.quantization_args) if module.quantization_args is not None else None,
-        input_activations=_ct_args(inputs) if inputs is not None else None,
+        input_activations=_ct_args(inputs, activations=True) if inputs is not None else None,
     )
     scheme.format = infer_module_format(nn.Linear, scheme).value
     return scheme
@@ -77,18 +103,20 @@ def compress_quantized_tensors(prefix: str, module: nn.Module) -> dict[str, torc
 
     pack-quantized: ``weight_packed`` (int32), ``weight_scale``, ``weight_shape`` (+ packed
     ``weight_zero_point`` when asymmetric); int-quantized: ``weight`` (int8), ``weight_scale``
-    (+ ``weight_zero_point``). A bias is passed through. Tensors are on CPU.
+    (+ ``weight_zero_point``); float formats as the module docstring says. A bias and the calibrated
+    ``input_scale`` / ``input_global_scale`` are passed through. Tensors are on CPU.
     """
     from compressed_tensors.compressors import BaseCompressor
 
     if not is_quantized(module):
         raise ValueError(f"{prefix} carries no quantization (quantization_args / weight_scale); quantize it first")
     scheme = quantization_scheme(module)
-    state = {
-        "weight": module.weight.detach().cpu(),
-        "weight_scale": module.weight_scale.detach().cpu(),
-        "weight_zero_point": module.weight_zero_point.detach().cpu(),
-    }
+    state = {"weight": module.weight.detach().cpu(), "weight_scale": module.weight_scale.detach().cpu()}
+    if module.quantization_args.type == "int":  # float grids are symmetric: no zero point is stored
+        state["weight_zero_point"] = module.weight_zero_point.detach().cpu()
+    for key in EXTRA_TENSORS:
+        if getattr(module, key, None) is not None:
+            state[key] = getattr(module, key).detach().cpu()
     if getattr(module, "bias", None) is not None:
         state["bias"] = module.bias.detach().cpu()
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
@@ -122,12 +150,29 @@ def compressed_modules(model: nn.Module, config: Mapping[str, Any]) -> dict[str,
 
 def decompress_weight(tensors: Mapping[str, torch.Tensor], scheme) -> torch.Tensor:
     """One module's dense weight from its checkpoint tensors (local names: ``weight_packed``, ``weight_scale``,
-    ``weight_zero_point``, ``weight_shape``, or an int8 ``weight``), by the library's compressor for
-    ``scheme.format``: the inverse of :func:`compress_quantized_tensors`."""
+    ``weight_zero_point``, ``weight_shape``, ``weight_global_scale``, or an int8 / float8 ``weight``), by the
+    library's compressor for ``scheme.format``: the inverse of :func:`compress_quantized_tensors`.
+
+    FP4 formats come back in float32 (the library's compressor returns bfloat16, which would round NVFP4's
+    ``code * scale / global_scale`` and not fit a float32 model), through the library's own unpacking, scale
+    decoding and ``dequantize``: the exact values the fake-quantized model computed with."""
     from compressed_tensors.compressors import BaseCompressor
 
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    if scheme.format in FP4_FORMATS:
+        from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+        from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+        packed = tensors["weight_packed"]
+        rows, half = packed.shape
+        codes = unpack_fp4_from_uint8(packed, rows, half * 2, dtype=torch.float32)
+        scale = compressor._decompress_scale(tensors["weight_scale"], torch.float32)
+        return dequantize(x_q=codes, scale=scale, args=scheme.weights, dtype=torch.float32,
+                          global_scale=tensors.get("weight_global_scale"))
     return compressor.decompress(dict(tensors), scheme)["weight"]
+
+
+FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
 
 
 def scheme_carrier(module: nn.Module) -> nn.Module:

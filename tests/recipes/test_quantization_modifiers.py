@@ -60,11 +60,11 @@ def test_config_groups_first_match_wins_and_strategy_is_inferred():
 @pytest.mark.parametrize(
     "body, words",
     [
-        ({"scheme": "FP8"}, ["scheme", "W4A16"]),
+        ({"scheme": "FP9"}, ["scheme", "W4A16", "FP8", "NVFP4"]),
         ({}, ["scheme", "config_groups"]),
         ({"scheme": "W4A16", "config_groups": {}}, ["exactly one"]),
-        ({"config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}}},
-         ["config_groups.g.weights.type", "'int'"]),
+        ({"config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "fp"}}}},
+         ["config_groups.g.weights.type", "int", "float"]),
         ({"config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "rows"}}}},
          ["config_groups.g.weights", "strategy", "channel"]),
         ({"config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "colour": 1}}}},
