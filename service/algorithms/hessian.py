@@ -52,6 +52,7 @@ class HessianAccumulator:
     Attributes:
         hessian: [columns, columns] fp32, symmetric (computed when read, then kept until the next add).
         num_samples: samples seen so far.
+        num_tokens: rows of ``x`` (flattened to [tokens, columns]) seen so far.
     """
 
     def __init__(self, columns: int, device: torch.device | str | None = None):
@@ -62,6 +63,7 @@ class HessianAccumulator:
         self._lower_stale = False  # only the upper block-triangle of _sum is current; see add()
         self._hessian: Tensor | None = None
         self.num_samples = 0
+        self.num_tokens = 0
 
     @property
     def hessian(self) -> Tensor:
@@ -92,6 +94,7 @@ class HessianAccumulator:
         self._lower_stale = self._lower_stale or step < self.columns
         self._hessian = None
         self.num_samples += added
+        self.num_tokens += tokens.shape[0]
 
     def merge(self, other: "HessianAccumulator") -> None:
         """Add another partial sum in place: the result equals one pass over both inputs."""
@@ -104,6 +107,7 @@ class HessianAccumulator:
         self._sum += other._sum.to(self._sum.device)
         self._hessian = None
         self.num_samples += other.num_samples
+        self.num_tokens += other.num_tokens
 
     def nbytes(self) -> int:
         """Bytes of the state that travels when workers merge (the fp64 sum)."""

@@ -132,7 +132,7 @@ def _stream_stage(
     source_dir: Path, target_dir: Path, modifiers, tokens, device, *, mode, trust_remote_code, batch_size,
     report: ReportBuilder, on_shard: Callable[[Path, str], None] | None = None, quantized_format: bool = False,
     workers: WorkerPool | None = None, checkpoint=None, checkpoints: BlockCheckpoints | None = None,
-    fingerprint: dict[str, str] | None = None, unsupported: str | None = None,
+    fingerprint: dict[str, str] | None = None, unsupported: str | None = None, calibrate_all_experts: bool = False,
 ) -> dict:
     """One recipe stage from the checkpoint in ``source_dir`` to shards in ``target_dir``; what config.json must
     change: ``quantization_config`` (with ``quantized_format``, when something was quantized),
@@ -149,6 +149,10 @@ def _stream_stage(
     extra = {"checkpoint": checkpoint} if checkpoint is not None else {}
     source = StreamedModel(source_dir, trust_remote_code=trust_remote_code, **extra)
     model = source.model
+    if calibrate_all_experts:
+        from service.engine.moe import set_calibrate_all_experts
+
+        set_calibrate_all_experts(model, True)
     blocks = stage_blocks(model, modifiers)
     block_names = [name for name, _ in blocks]
     for modifier in modifiers:
@@ -394,7 +398,9 @@ def compress_checkpoint(
     if checkpoints is not None:
         fingerprint = run_fingerprint(
             model=model_files_fingerprint(model_dir, checkpoint), recipe_yaml=recipe.to_yaml(), tokens=tokens,
-            batch_size=calibration.batch_size if calibration else None, pipeline=options.pipeline,
+            batch_size=calibration.batch_size if calibration else None,
+            pipeline=options.pipeline + ("+moe_calibrate_all_experts"
+                                         if calibration and calibration.moe_calibrate_all_experts else ""),
             workers=workers.size if workers is not None else 1)
         unsupported = _why_not_resumable(recipe)
 
@@ -413,7 +419,8 @@ def compress_checkpoint(
                                     report=part, on_shard=on_shard if last else None, quantized_format=last,
                                     workers=workers, checkpoint=checkpoint if k == 0 else None,
                                     checkpoints=checkpoints if last else None, fingerprint=fingerprint,
-                                    unsupported=unsupported)
+                                    unsupported=unsupported,
+                                    calibrate_all_experts=bool(calibration and calibration.moe_calibrate_all_experts))
             config_changes.update(changes)
             if source_dir.parent == out.tmp and source_dir.name.startswith(".stage-"):
                 shutil.rmtree(source_dir)
@@ -422,12 +429,16 @@ def compress_checkpoint(
             source_dir = target
             parts.append(part)
         report = merge_reports(parts)
+        from service.engine.moe import moe_summary
+
+        report.update(moe_summary(report["modules"]))  # nothing for a model without experts
         report.update(
             recipe=recipe_summary(recipe),
             source={"model": options.model, "directory": str(model_dir)},
             calibration=None if tokens is None else {
                 "dataset": calibration.source, "num_samples": calibration.num_samples,
                 "seq_len": calibration.seq_len, "seed": calibration.seed, "sampling": calibration.sampling,
+                "moe_calibrate_all_experts": calibration.moe_calibrate_all_experts,
             },
             pipeline=options.pipeline, device=str(device),
         )

@@ -164,6 +164,12 @@ def empty_model(config, *, trust_remote_code: bool = False) -> nn.Module:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         else:
             model = cls._from_config(config)
+    from service.engine.moe import MoEError, unfuse_experts
+
+    try:
+        model = unfuse_experts(model)  # MoE: one Linear per expert, as the checkpoint stores them (service.engine.moe)
+    except MoEError as exc:
+        raise CheckpointError(str(exc)) from None
     return model.eval()
 
 
@@ -275,7 +281,8 @@ class StreamedModel:
 
                 cut = len(self.keys[name]) + 1
                 local = {k[cut:]: tensors.pop(k) for k in packed[name]}
-                tensor = decompress_weight(local, self.compressed[name][1])
+                # in the skeleton's dtype (the checkpoint's torch_dtype): decompression may hand back fp32
+                tensor = decompress_weight(local, self.compressed[name][1]).to(self.model.get_parameter(name).dtype)
             else:
                 tensor = tensors.pop(self.keys[name])
             if self.dtype is not None and tensor.is_floating_point():

@@ -203,6 +203,9 @@ def oneshot(
     device = execution_device(device)
     if batches is not None:
         batches = list(batches)
+    from service.engine.moe import unfuse_experts
+
+    unfuse_experts(model)  # fused MoE experts become one Linear per expert, so targets see them (service.engine.moe)
     parts, transforms = [], []
     # Calibrate in eval mode (dropout would add noise to the Hessians), then give back each module's mode.
     training = {m: m.training for m in model.modules()}

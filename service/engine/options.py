@@ -170,6 +170,9 @@ class Calibration(Options):
         "head", description="calibration windows from the start of the text, or drawn at random with --seed")
     batch_size: Annotated[int, _integer(1)] | None = Field(
         None, description="calibration samples per batch (default: ~4096 tokens)")
+    moe_calibrate_all_experts: bool = Field(
+        False, description="mixture-of-experts models: calibrate every expert on all tokens, not only the ones its "
+                           "router sends it (the output still combines the routed experts only)")
 
 
 class Evaluation(Options):

@@ -167,7 +167,22 @@ class Task:
 
 
 def _new_accumulator(kind: str, columns: int, device: torch.device):
+    if kind == "input_range":
+        from service.algorithms.float_quantization import ActivationRange
+
+        return ActivationRange()
     return HessianAccumulator(columns, device) if kind == "hessian" else InputNormAccumulator(columns, device)
+
+
+def statistic_kinds(compressor) -> tuple[str, ...]:
+    """The statistics a module's calibration inputs feed: the compressor's own (a Hessian, input norms), and the
+    running input range when it calibrates static activation scales (FP8's input scale, NVFP4's global one). Being
+    statistics like the others, ranges are shared by q/k/v, travel to a module's owner under data parallel and merge
+    there in rank order."""
+    kinds = [] if compressor.statistic is None else [compressor.statistic]
+    if getattr(compressor, "observes_inputs", False) and "input_range" not in kinds:
+        kinds.append("input_range")
+    return tuple(kinds)
 
 
 class BlockStatistics:
@@ -185,8 +200,8 @@ class BlockStatistics:
         self._seen: dict[Any, dict[int, tuple[weakref.ref, str, set]]] = {}
 
     def observe(self, batch_key: Any, task: Task, x: torch.Tensor) -> None:
-        kind = task.compressor.statistic
-        if kind is None:
+        kinds = statistic_kinds(task.compressor)
+        if not kinds:
             return
         seen = self._seen.setdefault(batch_key, {})
         entry = seen.get(id(x))
@@ -199,7 +214,9 @@ class BlockStatistics:
             raise PipelineError(
                 f"{task.name} shares its input with {group} in one calibration batch but with {previous} in another"
             )
-        if kind not in entry[2]:
+        for kind in kinds:
+            if kind in entry[2]:
+                continue
             entry[2].add(kind)
             acc = self.accumulators.get((group, kind))
             if acc is None:
@@ -211,8 +228,9 @@ class BlockStatistics:
     def end_batch(self, batch_key: Any) -> None:
         self._seen.pop(batch_key, None)
 
-    def statistic(self, task: Task):
-        kind = task.compressor.statistic
+    def statistic(self, task: Task, kind: str | None = None):
+        """The task's statistic of ``kind`` (default: its compressor's own); None before any input was seen."""
+        kind = kind or task.compressor.statistic
         if kind is None:
             return None
         group = self.group_of.get(task.name)
@@ -235,11 +253,19 @@ def _compress(task: Task, stats: BlockStatistics) -> dict:
         return {"skipped": "no calibration input"}
     if task.offload and statistic is not None:
         statistic.to(stats.device)
+    if "input_range" in statistic_kinds(task.compressor) and statistic is not None:
+        task.compressor.set_input_range(task.name, stats.statistic(task, "input_range"))
     start = time.perf_counter()
-    report = task.compressor.compress_module(task.name, task.module, statistic, task.sparsity)
+    if statistic is not None and getattr(statistic, "num_tokens", None) == 0:
+        from service.engine.moe import compress_without_tokens  # an expert its router sent no token
+
+        report = compress_without_tokens(task, statistic)
+    else:
+        report = task.compressor.compress_module(task.name, task.module, statistic, task.sparsity)
     report["seconds"] = time.perf_counter() - start
     if statistic is not None:
         report["samples"] = statistic.num_samples if hasattr(statistic, "num_samples") else statistic.num_tokens
+        report["tokens"] = statistic.num_tokens
         if task.offload:
             statistic.to("cpu")
     report["memory_mb"] = memory_mb(stats.device)
@@ -492,4 +518,8 @@ def module_tasks(
                 name, module, modifier, modifier.layer_sparsity(index, block_name),
                 offload=getattr(modifier, "offload_hessians", False),
             )
+    for modifier in modifiers:  # e.g. NVFP4's global scales shared by the modules vLLM fuses (q/k/v, gate/up)
+        begin_block = getattr(modifier, "begin_block", None)
+        if begin_block is not None:
+            begin_block(block_name, [(t.name, t.module) for t in tasks.values() if t.compressor is modifier])
     return list(tasks.values())
