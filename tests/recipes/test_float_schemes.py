@@ -212,3 +212,29 @@ def test_nvfp4_global_scales_are_shared_by_fused_modules(stories):
                 assert torch.equal(m.weight_global_scale, torch.stack(own).min().reshape(1))
         assert torch.equal(layer.self_attn.o_proj.weight_global_scale,
                            fq.global_scale(original.self_attn.o_proj.weight, mods[0].quantization_args))
+
+
+@pytest.mark.parametrize("modifier, scheme", [("QuantizationModifier", "NVFP4"), ("GPTQModifier", "FP8")])
+def test_streamed_calibrated_scales_are_the_same_bytes_with_two_workers(tmp_path, modifier, scheme):
+    """Calibrated input scales are pipeline statistics: two data-parallel workers, each with half the batches,
+    merge their ranges in rank order and write the very bytes of one process."""
+    from service.engine.compress import compress_checkpoint
+    from service.engine.data_parallel import LocalPool
+    from service.engine.model_source import SafetensorsCheckpoint
+
+    recipe = [{modifier: {"targets": ["Linear"], "ignore": FP4_IGNORE, "scheme": scheme}}]
+    job = {"model": STORIES, "recipe": recipe, "device": "cpu",
+           "dataset": {"source": str(WIKI_VALID), "num_samples": 8, "seq_len": 64, "batch_size": 2}}
+    one = compress_checkpoint({**job, "output": tmp_path / "one"})
+    compress_checkpoint({**job, "output": tmp_path / "two"}, workers=LocalPool(2))
+    a, b = SafetensorsCheckpoint(tmp_path / "one"), SafetensorsCheckpoint(tmp_path / "two")
+    key = "input_global_scale" if scheme == "NVFP4" else "input_scale"
+    scales = [k for k in a.keys() if k.endswith(key)]
+    assert len(scales) == 5 * 6  # 5 layers: q/k/v/o and gate/up (down_proj ignored)
+    # q/k/v read one input: one range, one scale
+    qkv = [ta_ for ta_ in a.read([f"model.layers.2.self_attn.{n}_proj.{key}" for n in "qkv"]).values()]
+    assert torch.equal(qkv[0], qkv[1]) and torch.equal(qkv[0], qkv[2])
+    ta, tb = a.read(list(a.keys())), b.read(list(b.keys()))
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    q = one["modules"]["model.layers.0.self_attn.q_proj"]
+    assert q["input_tokens"] == 8 * 64
